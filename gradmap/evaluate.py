@@ -1,0 +1,265 @@
+"""Evaluation of an in-memory (pruned or dense) model: lm-eval zero-shot tasks + WikiText-2 perplexity.
+
+One entry point, :func:`evaluate`, driven by a plain mapping (a Hydra ``conf/eval/*.yaml`` preset), returning
+a flat ``{metric: number}`` dict that the runner can log and tabulate without knowing lm-eval's result schema.
+
+Design choices and why:
+
+* lm-eval (pinned 0.4.13) scores the tasks on the model object itself (``HFLM(pretrained=model)``), 0-shot, so
+  no checkpoint is written and the pruned architecture is evaluated as it is in memory.
+* ``source: local`` (default) runs the offline task copies of :mod:`gradmap.tasks` on the files in ``data/``;
+  ``source: online`` runs lm-eval's built-in tasks of the same names (needs the HF hub). Both render the same
+  prompts (HellaSwag: see data/SOURCES.md).
+* ``limit: k`` scores a *seeded* subset of k items per task (``limit`` may also map task → k). The indices
+  depend only on ``subset_seed``, the task name and the task size, never on the model, so every method and run
+  of a sweep is scored on exactly the same items. lm-eval's own ``limit`` (first k items) is not used: the
+  first items of a split are not a fair sample (HellaSwag's first 3243 are all ActivityNet).
+* Primary metric per task follows LLM-Pruner / Shortened-LLaMA (METHODS.md §6): acc for boolq, piqa,
+  winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa. ``avg`` is the unweighted mean of
+  the primary metrics present, **×100** (paper convention), while per-task values stay fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gradmap.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
+from gradmap.tasks import PRIMARY_METRIC, check_task_names, local_task_configs
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("local", "online")
+METRICS = ("acc", "acc_norm")
+CFG_KEYS = ("name", "tasks", "limit", "subset_seed", "batch_size", "source", "ppl", "metric_map")
+PPL_KEYS = ("window", "stride", "max_windows", "dataset", "add_bos")
+
+
+def _plain(cfg: Any) -> Any:
+    """Deep-convert an OmegaConf/Mapping config to plain dicts/lists (Hydra passes DictConfig)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # omegaconf is optional for library use
+        pass
+    if isinstance(cfg, Mapping):
+        return {str(k): _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_plain(v) for v in cfg]
+    return cfg
+
+
+def _check_keys(cfg: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    """A typo in a preset (``limt:``) must fail loudly instead of silently evaluating everything."""
+    for key in cfg:
+        if key not in allowed:
+            raise ValueError(f"unknown key {where}{key!r}; allowed: {', '.join(allowed)}")
+
+
+Limit = int | Mapping[str, int | None] | None
+
+
+def resolve_limits(tasks: Sequence[str], limit: Limit) -> dict[str, int | None]:
+    """Items to score per task: None (all), one int for every task, or a task → int|None mapping.
+
+    A mapping must name only selected tasks; tasks it leaves out are scored in full.
+    """
+    if limit is None or isinstance(limit, int):
+        per_task: Mapping[str, int | None] = dict.fromkeys(tasks, limit)
+    elif isinstance(limit, Mapping):
+        extra = sorted(set(limit) - set(tasks))
+        if extra:
+            raise ValueError(f"eval.limit names {extra}, which are not in eval.tasks {list(tasks)}")
+        per_task = {t: limit.get(t) for t in tasks}
+    else:
+        raise ValueError(f"eval.limit must be null, an int or a task->int mapping, got {limit!r}")
+    for task, k in per_task.items():
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"eval.limit for {task!r} must be a positive int or null, got {k!r}")
+    return dict(per_task)
+
+
+def subset_indices(task: str, n_docs: int, k: int | None, seed: int) -> list[int] | None:
+    """Sorted indices of a seeded k-item subset of a task's ``n_docs`` items (None: all items).
+
+    Seeding ``random.Random`` with a string is stable across processes and Python versions (sha512 of the
+    string), unlike ``hash()``; including the task name decorrelates the subsets of different tasks.
+    """
+    if k is None or k >= n_docs:
+        return None
+    rng = random.Random(f"gradmap-eval-subset/{seed}/{task}")
+    return sorted(rng.sample(range(n_docs), k))
+
+
+def resolve_metric_map(tasks: Sequence[str], metric_map: str | Mapping[str, str] | None) -> dict[str, str]:
+    """Primary metric per task: the METHODS default, ``"acc"`` everywhere (LLM-Streamline), or overrides."""
+    if metric_map in (None, "default"):
+        chosen = {t: PRIMARY_METRIC[t] for t in tasks}
+    elif metric_map in METRICS:
+        chosen = dict.fromkeys(tasks, metric_map)
+    elif isinstance(metric_map, Mapping):
+        chosen = {t: metric_map.get(t, PRIMARY_METRIC[t]) for t in tasks}
+    else:
+        raise ValueError(f"eval.metric_map must be null, default, acc, acc_norm or a mapping: {metric_map!r}")
+    for task, metric in chosen.items():
+        if metric not in METRICS:
+            raise ValueError(f"eval.metric_map[{task!r}] = {metric!r}; allowed: {', '.join(METRICS)}")
+    return chosen
+
+
+def _place(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Move the model to ``device`` unless it is there already or sharded by accelerate (hf_device_map)."""
+    if getattr(model, "hf_device_map", None):
+        return
+    device = torch.device(device)
+    current = next(model.parameters()).device
+    if current.type != device.type or (device.index is not None and current.index != device.index):
+        model.to(device)
+
+
+def _load_tasks(tasks: list[str], source: str) -> tuple[Any, dict[str, Any]]:
+    """Build lm-eval Task objects (loading their data) for ``tasks``; returns (task manager, name → Task)."""
+    from lm_eval.tasks import TaskManager
+
+    if source == "local":
+        manager = TaskManager(include_defaults=False)  # inline configs need no index of the built-in YAMLs
+        loaded = manager.load(local_task_configs(tasks))
+    else:
+        manager = TaskManager()
+        loaded = manager.load(tasks)
+    return manager, loaded["tasks"]
+
+
+def _run_lm_eval(
+    model: torch.nn.Module, tokenizer: Any, tasks: list[str], cfg: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Score ``tasks`` with lm-eval; returns {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager, task_objs = _load_tasks(tasks, cfg["source"])
+    limits = resolve_limits(tasks, cfg.get("limit"))
+    seed = int(cfg.get("subset_seed", 0))
+    samples = {}
+    for name in tasks:
+        idx = subset_indices(name, len(task_objs[name].eval_docs), limits[name], seed)
+        if idx is not None:
+            samples[name] = idx
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(cfg.get("batch_size", 1)))
+    out = simple_evaluate(
+        model=lm,
+        tasks=[task_objs[name] for name in tasks],
+        task_manager=manager,
+        num_fewshot=None,  # tasks without num_fewshot (all 7, local and built-in) run 0-shot
+        samples=samples or None,
+        log_samples=False,
+    )
+    if out is None:  # only non-zero ranks get None; this code runs single-process
+        raise RuntimeError("lm-eval returned no results")
+    metrics: dict[str, dict[str, float]] = {}
+    for name in tasks:
+        res = out["results"][name]
+        row = {}
+        for metric in METRICS:
+            row[metric] = float(res[f"{metric},none"])
+            stderr = res.get(f"{metric}_stderr,none")
+            row[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
+        row["n"] = int(out["n-samples"][name]["effective"])
+        metrics[name] = row
+    return metrics
+
+
+def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: torch.device) -> dict:
+    """WikiText-2 perplexity with the preset's window/stride/max_windows: the flat metric + metadata keys."""
+    _check_keys(ppl_cfg, PPL_KEYS, "eval.ppl.")
+    dataset = ppl_cfg.get("dataset", "wikitext2")
+    if dataset not in PPL_DATASETS:
+        raise ValueError(f"unknown eval.ppl.dataset {dataset!r}; allowed: {', '.join(PPL_DATASETS)}")
+    window = int(ppl_cfg.get("window", 2048))
+    bos = None
+    if ppl_cfg.get("add_bos", False):
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("eval.ppl.add_bos is true but the tokenizer has no bos_token_id")
+    ids = tokenize_corpus(load_ppl_text(dataset), tokenizer)
+    res = perplexity(
+        model,
+        ids,
+        window=window,
+        stride=ppl_cfg.get("stride"),
+        max_windows=ppl_cfg.get("max_windows"),
+        bos_token_id=bos,
+        device=device,
+    )
+    return {
+        f"{dataset}_ppl": res.ppl,
+        "ppl_window": res.window,
+        "ppl_stride": res.stride,
+        "ppl_tokens": res.tokens,
+        "ppl_windows": res.windows,
+        "ppl_add_bos": bos is not None,
+    }
+
+
+def evaluate(model: Any, tokenizer: Any, cfg: Mapping, device: str | torch.device = "cpu") -> dict:
+    """Evaluate ``model`` as configured by ``cfg`` (an ``eval`` preset) and return a flat metric dict.
+
+    Keys: ``<task>`` (primary metric, fraction), ``<task>/acc``, ``<task>/acc_norm``, ``<task>/acc_stderr``,
+    ``<task>/acc_norm_stderr``, ``<task>/n`` (items scored), ``avg`` (mean of the primary metrics ×100),
+    ``wikitext2_ppl`` and metadata ``ppl_window``, ``ppl_stride``, ``ppl_tokens``, ``ppl_windows``,
+    ``ppl_add_bos``, ``eval_preset``, ``eval_seconds``. A preset with no tasks and no ``ppl`` (``eval=none``)
+    returns ``{}`` without touching the model.
+
+    The model is moved to ``device`` (unless sharded), evaluated in eval mode, and its train/eval mode
+    restored afterwards, so a pruning pipeline that keeps the model in train mode (gradient checkpointing) is
+    unaffected.
+    """
+    cfg = _plain(cfg)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"eval cfg must be a mapping, got {type(cfg).__name__}")
+    _check_keys(cfg, CFG_KEYS, "eval.")
+    tasks = check_task_names(cfg.get("tasks") or [])
+    ppl_cfg = cfg.get("ppl")
+    if not tasks and not ppl_cfg:
+        return {}
+    source = cfg.setdefault("source", "local")
+    if source not in SOURCES:
+        raise ValueError(f"unknown eval.source {source!r}; allowed: {', '.join(SOURCES)}")
+    primary = resolve_metric_map(tasks, cfg.get("metric_map"))
+    resolve_limits(tasks, cfg.get("limit"))  # validate before any slow work
+    if source == "local":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    device = torch.device(device)
+    was_training = model.training
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    try:
+        _place(model, device)
+        model.eval()
+        if tasks:
+            per_task = _run_lm_eval(model, tokenizer, tasks, cfg)
+            for name in tasks:
+                results[name] = per_task[name][primary[name]]
+            results["avg"] = 100.0 * sum(results[name] for name in tasks) / len(tasks)
+            for name in tasks:
+                for key, value in per_task[name].items():
+                    results[f"{name}/{key}"] = value
+        if ppl_cfg:
+            results.update(_run_ppl(model, tokenizer, ppl_cfg, device))
+    finally:
+        model.train(was_training)
+    results["eval_preset"] = cfg.get("name")
+    results["eval_seconds"] = time.perf_counter() - start
+    log.info("eval %s: %s", cfg.get("name"), {k: v for k, v in results.items() if "/" not in k})
+    return results
