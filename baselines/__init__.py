@@ -1,1 +1,8 @@
-"""Baseline layer-pruning methods; each module registers its selector/repair and method presets on import."""
+"""Baseline layer-pruning methods; each module registers its selector/repair and method presets on import.
+
+The registries in ``gradmap.base`` import this package on first lookup, so every module must be imported here.
+"""
+
+from baselines import angular, last_n, layer_replace, ppl, random_layers, shortgpt, sleb, streamline, taylor
+
+__all__ = ["angular", "last_n", "layer_replace", "ppl", "random_layers", "shortgpt", "sleb", "streamline", "taylor"]
