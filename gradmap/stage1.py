@@ -246,7 +246,7 @@ class GradMAPSelector(Selector):
                     loss = out.loss * (mb.shape[0] / rows)
                     if not torch.isfinite(loss):
                         raise NonFiniteError(
-                            f"calibration loss is {float(loss)} at micro-batch {i} with layers {alive} alive "
+                            f"calibration loss is {float(loss.detach())} at micro-batch {i} with layers {alive} alive "
                             f"(dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}; "
                             "try dtype=float32 or bfloat16)"
                         )

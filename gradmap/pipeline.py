@@ -1,0 +1,205 @@
+"""The whole pipeline on one page: load → calibrate → select → repair → evaluate → record.
+
+``run_job`` does the work of one configured job; ``execute`` wraps it so that a failure costs that job alone:
+the error goes to ``result.json`` (status "failed", one-line message) and the traceback to ``error.log``, the
+tracker is always closed, and the caller (a Hydra sweep) carries on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradmap.api import PruneResult, prune
+from gradmap.calib import build_calibration, read_text_file
+from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
+from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, stable_hash, versions
+from gradmap.tracking import Tracker, make_tracker
+
+log = logging.getLogger("gradmap")
+
+
+@dataclass
+class Job:
+    """Where a job writes and how it is named; ``job_id`` is a stable hash of what changes its result."""
+
+    job_id: str
+    name: str
+    dir: Path
+    identity: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Job:
+        device = resolve_device(cfg["device"])
+        method = cfg["method"]["name"]
+        identity = {
+            "model": cfg["model"],
+            "method": cfg["method"],
+            "repair": cfg["repair"],
+            "prune": {k: v for k, v in cfg["prune"].items()},
+            "calib": cfg["calib"],
+            "eval": cfg["eval"],
+            "seed": cfg["seed"],
+            "dtype": str(resolve_dtype(cfg["dtype"], device)).removeprefix("torch."),
+        }
+        if method == "none":  # the dense reference depends on model, evaluation and dtype only
+            for key in ("method", "repair", "prune", "calib", "seed"):
+                identity.pop(key)
+            identity["method"] = "none"
+        job_id = stable_hash(identity)
+        n = cfg["prune"].get("n_remove")
+        amount = "dense" if method == "none" else (f"n{n}" if n is not None else
+                                                   f"r{cfg['prune'].get('ratio') or cfg['prune']['default_ratio']}")
+        repair = cfg["repair"].get("name")
+        parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
+        name = "-".join(str(p) for p in parts)
+        return cls(job_id, name, Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}", identity)
+
+
+def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
+    """The calibration tensor shared by every method of a run (cached on disk by content)."""
+    source = calib_cfg["source"]
+    if source == "file":
+        text = read_text_file(calib_cfg["path"])
+    elif source == "hf_dataset":
+        from datasets import load_dataset  # edge dependency, online users only
+
+        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
+        text = "\n\n".join(rows["text"])
+    else:
+        raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset")
+    return build_calibration(tokenizer, text, int(calib_cfg["n_samples"]), int(calib_cfg["seq_len"]),
+                             int(calib_cfg["seed"]), bool(calib_cfg.get("add_bos", False)),
+                             cache_dir=cache_root() / "calib")
+
+
+def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) -> PruneResult:
+    """Map the Hydra config onto ``prune()``: the same API a notebook user calls."""
+    p = cfg["prune"]
+    ratio, n_remove = p.get("ratio"), p.get("n_remove")
+    if cfg["method"]["name"] != "none" and ratio is None and n_remove is None:
+        ratio = p["default_ratio"]
+    selector_options = dict(cfg["method"].get("options") or {})
+    for key in ("protect_first", "protect_last", "micro_batch_size"):
+        if p.get(key) is not None and cfg["method"]["name"] != "none":
+            selector_options.setdefault(key, p[key])
+    if cfg["method"]["name"] != "none":
+        selector_options.setdefault("seed", cfg["seed"])
+    return prune(model, calib_ids, method=cfg["method"]["name"], ratio=ratio, n_remove=n_remove,
+                 repair=cfg["repair"].get("name"), repair_options=dict(cfg["repair"].get("options") or {}),
+                 **selector_options)
+
+
+def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any]:
+    """Do one job and return its record (status "ok"). Raises on failure; see :func:`execute`."""
+    from gradmap.evaluate import evaluate  # lm-eval lives at the edge
+
+    torch.manual_seed(int(cfg["seed"]))
+    device = resolve_device(cfg["device"])
+    phases: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(cfg["model"], device, cfg["dtype"])                        # load
+    phases["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib_ids = calibration(cfg["calib"], tokenizer)                                          # calibrate
+    phases["calib_s"] = time.perf_counter() - t
+
+    result = prune_from_config(model, calib_ids, cfg)                                         # select + repair
+    log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
+
+    t = time.perf_counter()
+    metrics = evaluate(model, tokenizer, cfg["eval"], device)                                 # evaluate
+    phases["eval_s"] = time.perf_counter() - t
+
+    if cfg.get("save_model"):
+        model.save_pretrained(job.dir / "model")
+        tokenizer.save_pretrained(job.dir / "model")
+
+    return record(cfg, job, result, metrics, phases, status="ok")                            # record
+
+
+def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics: Mapping[str, Any],
+           phases: Mapping[str, float], status: str, error: str | None = None) -> dict[str, Any]:
+    """The result.json layout: flat facts first, then details for reports, then the resolved config."""
+    out: dict[str, Any] = {
+        "status": status,
+        "job_id": job.job_id,
+        "job_name": job.name,
+        "sweep": str(cfg["sweep"]),
+        "model": cfg["model"]["name"],
+        "method": cfg["method"]["name"],
+    }
+    if error is not None:
+        out["error"] = error
+    if result is not None:
+        out.update({
+            "selector": result.selector,
+            "repair": result.repair,
+            "n_layers": result.n_layers,
+            "n_remove": result.n_remove,
+            "ratio": result.n_remove / result.n_layers,
+            "removed_layers": result.removed_layers,
+            "params_before": result.params_before,
+            "params_after": result.params_after,
+            "timing": {k: result.timings[k] for k in ("select_s", "repair_s", "prune_s", "peak_mem_bytes",
+                                                       "peak_mem_kind", "device")} | dict(phases),
+            "metrics": dict(metrics),
+            "scores": [{str(k): v for k, v in step.items()} for step in result.scores],
+            "selector_options": result.selector_options,
+            "repair_options": result.repair_options,
+            "selector_info": result.selector_info,
+            "repair_info": {k: ({str(i): s for i, s in v.items()} if isinstance(v, dict) else v)
+                            for k, v in result.repair_info.items()},
+        })
+    out.update({
+        "calib_source": cfg["calib"]["name"],
+        "seed": cfg["seed"],
+        "versions": versions(),
+        "host": socket.gethostname(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": dict(cfg),
+    })
+    return out
+
+
+def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one job end to end; never raise for a job failure. Returns the record that was written."""
+    job = Job.from_config(cfg)
+    job.dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(job.dir / "job.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    tracker: Tracker = Tracker()
+    exit_code = 1
+    try:
+        tracker = make_tracker(cfg["tracker"], cfg, job.job_id, job.name, str(cfg["sweep"]), job.dir)
+        out = run_job(cfg, job, tracker)
+        exit_code = 0
+    except Exception as err:  # one job's failure must not take down the sweep
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        atomic_write_text(job.dir / "error.log", traceback.format_exc())
+        log.error("%s failed: %s (traceback: %s)", job.name, message, job.dir / "error.log")
+        out = record(cfg, job, None, {}, {}, status="failed", error=message)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    atomic_write_json(job.dir / RESULT_FILE, out)
+    summary = {k: out[k] for k in ("status", "n_remove", "removed_layers") if k in out}
+    summary.update({f"timing/{k}": v for k, v in out.get("timing", {}).items()})
+    summary.update({f"metrics/{k}": v for k, v in out.get("metrics", {}).items()})
+    try:
+        tracker.log_summary(summary)
+    finally:
+        tracker.finish(exit_code)
+    return out
