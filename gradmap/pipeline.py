@@ -22,7 +22,7 @@ import torch
 from gradmap.api import PruneResult, prune
 from gradmap.calib import build_calibration, read_text_file
 from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
-from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, stable_hash, versions
+from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
 from gradmap.tracking import Tracker, make_tracker
 
 log = logging.getLogger("gradmap")
@@ -176,6 +176,10 @@ def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one job end to end; never raise for a job failure. Returns the record that was written."""
     job = Job.from_config(cfg)
+    done = read_result(job.dir)
+    if done is not None and done.get("status") == "ok" and not cfg.get("force", False):
+        log.info("skip %s: finished result in %s", job.name, job.dir / RESULT_FILE)
+        return {**done, "skipped": True}
     job.dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(job.dir / "job.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
