@@ -12,6 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from gradmap.overrides import check_overrides
 from gradmap.pipeline import execute
 
 log = logging.getLogger("gradmap")
@@ -47,4 +48,8 @@ class HydraMultirun:
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     main()

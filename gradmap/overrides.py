@@ -1,0 +1,36 @@
+"""Check config-group overrides before Hydra sees them, so a typo gets one line with a did-you-mean.
+
+Hydra's own message for ``method=shortgp`` is a multi-line MissingConfigException with no suggestion; in a
+sweep launched for days, the researcher should see ``unknown method 'shortgp'. Did you mean 'shortgpt'?``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from gradmap.registry import unknown_name_message
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CHECKED_GROUPS = ("model", "method", "repair", "calib", "eval", "tracker", "experiment", "hydra/launcher")
+_PLAIN = re.compile(r"^[+]{0,2}(?P<group>[A-Za-z_/]+)=(?P<values>[A-Za-z0-9_.,\-]+)$")
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
+    """Raise ValueError for the first ``group=value`` whose value has no YAML in that group.
+
+    Only plain values and comma lists are checked; Hydra's sweep functions (``choice(...)``, globs) pass through.
+    """
+    for arg in args:
+        match = _PLAIN.match(arg)
+        if not match or match["group"] not in CHECKED_GROUPS:
+            continue
+        known = group_options(match["group"], conf_dir)
+        for value in match["values"].split(","):
+            if value and value != "null" and value not in known:
+                raise ValueError(unknown_name_message(match["group"].replace("hydra/", ""), value, known))
