@@ -1,0 +1,107 @@
+"""The pipeline end to end on tiny_llama: the record it writes, failures it survives, and reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gradmap.pipeline import execute
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+FAST = ["model=tiny_llama", "eval=smoke", "tracker=none", "calib.n_samples=2", "calib.seq_len=32"]
+
+
+def config(tmp_path: Path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*FAST, f"runs_dir={tmp_path}", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def gradmap_record(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("runs")
+    return execute(config(tmp, "method=gradmap", "prune.n_remove=2"))
+
+
+def test_result_json_has_the_documented_keys(gradmap_record):
+    rec = gradmap_record
+    assert rec["status"] == "ok", rec.get("error")
+    for key in ("model", "method", "repair", "n_layers", "n_remove", "removed_layers", "timing", "metrics",
+                "versions", "config"):
+        assert key in rec
+    assert rec["model"] == "tiny_llama" and rec["method"] == "gradmap" and rec["repair"] == "projection"
+    assert rec["n_layers"] == 8 and rec["n_remove"] == 2 and len(rec["removed_layers"]) == 2
+    for key in ("select_s", "repair_s", "prune_s", "peak_mem_bytes", "device"):
+        assert key in rec["timing"]
+    for task in TASKS:
+        assert 0.0 <= rec["metrics"][task] <= 1.0
+    assert rec["metrics"]["avg"] == pytest.approx(100 * sum(rec["metrics"][t] for t in TASKS) / len(TASKS))
+    assert rec["metrics"]["wikitext2_ppl"] > 1.0
+    for key in ("torch", "transformers", "lm_eval", "gradmap_bench"):
+        assert key in rec["versions"]
+    on_disk = json.loads(next(Path(rec["config"]["runs_dir"]).rglob("result.json")).read_text())
+    assert on_disk["removed_layers"] == rec["removed_layers"]
+
+
+def test_same_config_twice_gives_the_same_layers_and_metrics(tmp_path, gradmap_record):
+    again = execute(config(tmp_path, "method=gradmap", "prune.n_remove=2"))
+    assert again["removed_layers"] == gradmap_record["removed_layers"]
+    assert again["metrics"] == gradmap_record["metrics"]
+    assert again["job_id"] == gradmap_record["job_id"]
+
+
+def test_finished_job_is_skipped(tmp_path):
+    first = execute(config(tmp_path, "method=random", "prune.n_remove=1", "eval=none"))
+    second = execute(config(tmp_path, "method=random", "prune.n_remove=1", "eval=none"))
+    assert first["status"] == "ok" and second.get("skipped") is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prune.ratio=1.5"], "prune.ratio=1.5 is out of range; allowed: 0 < ratio < 1"),
+    (["prune.ratio=0.25", "prune.n_remove=2"], "not both"),
+    (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
+    (["prune.ratio=0.01"], "rounds to 0 layers"),
+    (["dtype=float8"], "unknown dtype 'float8'"),
+    (["calib.seq_len=100000"], "too short for windows of 100000 tokens"),
+])
+def test_bad_values_fail_the_job_with_one_line(tmp_path, overrides, message):
+    rec = execute(config(tmp_path, "eval=none", *overrides))
+    assert rec["status"] == "failed"
+    assert message in rec["error"] and "\n" not in rec["error"]
+    job_dir = Path(rec["config"]["runs_dir"]) / rec["sweep"] / f"{rec['job_name']}-{rec['job_id']}"
+    assert (job_dir / "error.log").is_file()
+
+
+def test_unwritable_runs_dir_fails_before_model_work(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    rec = execute(config(tmp_path, f"runs_dir={blocked}"))
+    assert rec["status"] == "failed" and "is not usable" in rec["error"]
+
+
+def test_unknown_group_value_gets_did_you_mean():
+    out = subprocess.run([sys.executable, "run.py", "method=shortgtp"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "unknown method 'shortgtp'. Did you mean 'shortgpt'?" in out.stderr
+
+
+@pytest.mark.slow
+def test_run_py_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "run.py", *FAST, f"runs_dir={tmp_path}", "prune.n_remove=2",
+                          "tracker=wandb", f"hydra.run.dir={tmp_path}/hydra"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = list(tmp_path.rglob("result.json"))
+    assert len(results) == 1
+    rec = json.loads(results[0].read_text())
+    assert rec["status"] == "ok" and set(TASKS) <= set(rec["metrics"])
+    assert list(results[0].parent.rglob("wandb/offline-run-*")), "an offline W&B run is written"
