@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import pytest
 import torch
@@ -366,6 +367,21 @@ def test_streamline_preset_trains_and_counts_steps():
 def test_unknown_method_did_you_mean():
     with pytest.raises(UnknownNameError, match="Did you mean 'shortgpt'"):
         METHODS.get("shortgtp")
+
+
+def test_method_yamls_match_presets():
+    """Each conf/method YAML names a preset, its options build the selector, and it repeats the preset's options
+    (the runner fills prune.protect_* defaults into missing keys, which would otherwise override them)."""
+    import yaml
+
+    conf = pathlib.Path(__file__).resolve().parents[1] / "conf" / "method"
+    for name in ["shortgpt", "angular", "replaceme", "taylor", "taylor_plus", "ppl", "sleb", "streamline",
+                 "streamline_noheal", "random", "last_n"]:
+        cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
+        preset = METHODS.get(cfg["name"])
+        options = cfg["options"] or {}
+        assert cfg["name"] == name and preset.selector_options.items() <= options.items(), name
+        SELECTORS.get(preset.selector).from_options(**options)
 
 
 def test_presets():
