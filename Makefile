@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 SWEEP ?= default
+EXP ?= smoke
 ARGS ?=
 
-.PHONY: install run test test-all lint report bench bench-cpu chaos clean
+.PHONY: install run test test-all lint report sweep status bench bench-cpu chaos clean
 
 install: $(STAMP)
 
@@ -31,8 +32,14 @@ test: install  ## fast tests plus the slow end-to-end ones (tiny models only, no
 lint: install
 	$(VENV)/bin/ruff check .
 
-report: install
-	$(PY) -m gradmap.report runs/$(SWEEP)
+report: install  ## tables, plots and verdict.md of runs/$(SWEEP) into runs/$(SWEEP)/report (ARGS: --speedup-baselines ...)
+	$(PY) -m gradmap.report runs/$(SWEEP) $(ARGS)
+
+sweep: install  ## a preset sweep, resumable: make sweep EXP=smoke (rerun the same command to resume)
+	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+
+status: install  ## which jobs of runs/$(SWEEP) are ok, failed or incomplete (a rerun redoes all but the ok ones)
+	$(PY) -m gradmap.sweep runs/$(SWEEP)
 
 bench: install
 	$(PY) -m gradmap.bench $(ARGS)

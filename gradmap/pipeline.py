@@ -21,8 +21,11 @@ import torch
 
 from gradmap.api import PruneResult, prune
 from gradmap.calib import build_calibration, read_text_file
+from gradmap.faults import inject as inject_fault
 from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
 from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
+from gradmap.speed import measure_from_config
+from gradmap.sweep import reuse_dense
 from gradmap.tracking import Tracker, make_tracker
 
 log = logging.getLogger("gradmap")
@@ -117,6 +120,11 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any
 
     result = prune_from_config(model, calib_ids, cfg)                                         # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
+    inject_fault(job.name, model)                                                             # tests only
+
+    t = time.perf_counter()
+    speed = measure_from_config(model, cfg.get("speed"))                                      # inference speed
+    phases["speed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     metrics = evaluate(model, tokenizer, cfg["eval"], device)                                 # evaluate
@@ -126,11 +134,12 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any
         model.save_pretrained(job.dir / "model")
         tokenizer.save_pretrained(job.dir / "model")
 
-    return record(cfg, job, result, metrics, phases, status="ok")                            # record
+    return record(cfg, job, result, metrics, phases, status="ok", speed=speed)               # record
 
 
 def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics: Mapping[str, Any],
-           phases: Mapping[str, float], status: str, error: str | None = None) -> dict[str, Any]:
+           phases: Mapping[str, float], status: str, error: str | None = None,
+           speed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The result.json layout: flat facts first, then details for reports, then the resolved config."""
     out: dict[str, Any] = {
         "status": status,
@@ -162,6 +171,8 @@ def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics
             "repair_info": {k: ({str(i): s for i, s in v.items()} if isinstance(v, dict) else v)
                             for k, v in result.repair_info.items()},
         })
+    if speed is not None:
+        out["speed"] = dict(speed)
     out.update({
         "calib_source": cfg["calib"]["name"],
         "seed": cfg["seed"],
@@ -181,6 +192,11 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
         log.info("skip %s: finished result in %s", job.name, job.dir / RESULT_FILE)
         return {**done, "skipped": True}
     job.dir.mkdir(parents=True, exist_ok=True)
+    reused = reuse_dense(cfg, job.job_id, job.name, job.dir)  # method=none: a finished twin in any sweep
+    if reused is not None:
+        return reused
+    for stale in (RESULT_FILE, "error.log"):  # a failed run's record must not outlive a rerun that gets killed
+        (job.dir / stale).unlink(missing_ok=True)
     handler = logging.FileHandler(job.dir / "job.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)

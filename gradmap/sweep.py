@@ -192,7 +192,7 @@ def summarize(outcomes: list[Outcome], sweep: str) -> str:
     """One line: ``sweep smoke: 9 jobs: 6 ok, 1 reused, 2 skipped, 0 failed``."""
     counts = Counter(o.outcome for o in outcomes)
     parts = [f"{counts.get(k, 0)} {k}" for k in OUTCOMES if k != "missing" or counts.get(k)]
-    return f"sweep {sweep}: {len(outcomes)} jobs: {', '.join(parts)}"
+    return f"sweep {sweep}: {len(outcomes)} job{'s' if len(outcomes) != 1 else ''}: {', '.join(parts)}"
 
 
 class SweepSummary(Callback):
