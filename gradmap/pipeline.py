@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import shutil
 import socket
 import time
 import traceback
@@ -20,8 +21,10 @@ from typing import Any
 import torch
 
 from gradmap.api import PruneResult, prune
+from gradmap.base import METHODS, REPAIRS, NonFiniteError, model_device
 from gradmap.calib import build_calibration, read_text_file
 from gradmap.faults import inject as inject_fault
+from gradmap.layers import decoder_layers
 from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
 from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
 from gradmap.speed import measure_from_config
@@ -42,7 +45,9 @@ class Job:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Job:
-        device = resolve_device(cfg["device"])
+        device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else "cpu")
+        if str(cfg["device"]).startswith("cuda"):
+            device = torch.device("cuda")  # identity needs only the type; availability is checked later
         method = cfg["method"]["name"]
         identity = {
             "model": cfg["model"],
@@ -52,7 +57,8 @@ class Job:
             "calib": cfg["calib"],
             "eval": cfg["eval"],
             "seed": cfg["seed"],
-            "dtype": str(resolve_dtype(cfg["dtype"], device)).removeprefix("torch."),
+            "dtype": str(cfg["dtype"]) if cfg["dtype"] not in ("auto",) else
+                     str(resolve_dtype("auto", device)).removeprefix("torch."),
         }
         if method == "none":  # the dense reference depends on model, evaluation and dtype only
             for key in ("method", "repair", "prune", "calib", "seed"):
@@ -121,6 +127,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any
     result = prune_from_config(model, calib_ids, cfg)                                         # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
     inject_fault(job.name, model)                                                             # tests only
+    check_forward_finite(model, calib_ids[:1])
 
     t = time.perf_counter()
     speed = measure_from_config(model, cfg.get("speed"))                                      # inference speed
@@ -135,6 +142,30 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any
         tokenizer.save_pretrained(job.dir / "model")
 
     return record(cfg, job, result, metrics, phases, status="ok", speed=speed)               # record
+
+
+@torch.inference_mode()
+def check_forward_finite(model, input_ids: torch.Tensor) -> None:
+    """Stop the job if the pruned model computes NaN/inf, naming the first layer whose output goes bad.
+
+    One forward on one calibration window: cheap, and it turns an fp16 overflow into a clear error instead of a
+    table of chance-level accuracies and a NaN perplexity.
+    """
+    bad: list[int] = []
+    handles = [layer.register_forward_hook(
+        lambda mod, args, out, i=i: bad.append(i) if not bad and not torch.isfinite(
+            out[0] if isinstance(out, tuple) else out).all() else None)
+        for i, layer in enumerate(decoder_layers(model))]
+    try:
+        logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    if bad or not torch.isfinite(logits).all():
+        where = f"the output of (pruned) layer {bad[0]}" if bad else "the logits"
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise NonFiniteError(f"the pruned model computes NaN/inf in {where} (dtype {dtype}); "
+                             "try dtype=float32 or dtype=bfloat16")
 
 
 def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics: Mapping[str, Any],
@@ -184,6 +215,49 @@ def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics
     return out
 
 
+MIN_FREE_BYTES = 200 * 2**20
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any model work if the job folder cannot take a result (read-only, or disk nearly full)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / ".write-test", "ok")
+    (folder / ".write-test").unlink()
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(f"only {free / 2**20:.0f} MiB free on its disk (need {MIN_FREE_BYTES // 2**20} MiB)")
+
+
+def validate_config(cfg: Mapping[str, Any]) -> None:
+    """Check every value that can be checked without the model, so a bad override fails in milliseconds."""
+    resolve_device(cfg["device"])
+    resolve_dtype(cfg["dtype"], torch.device("cpu"))
+    preset = METHODS.get(cfg["method"]["name"])
+    if cfg["repair"].get("name") is not None:
+        REPAIRS.get(cfg["repair"]["name"])
+    p = cfg["prune"]
+    if preset.selector is not None:
+        if p.get("ratio") is not None and p.get("n_remove") is not None:
+            raise ValueError(f"give prune.ratio or prune.n_remove, not both (got ratio={p['ratio']}, "
+                             f"n_remove={p['n_remove']})")
+        ratio = p.get("ratio") if p.get("ratio") is not None else p.get("default_ratio")
+        if p.get("n_remove") is None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+            raise ValueError(f"prune.ratio={ratio!r} is out of range; allowed: 0 < ratio < 1")
+    for key in ("n_samples", "seq_len"):
+        value = cfg["calib"].get(key)
+        if not isinstance(value, int) or value < (2 if key == "seq_len" else 1):
+            raise ValueError(f"calib.{key}={value!r} must be a whole number >= {2 if key == 'seq_len' else 1}")
+
+
+def one_line_error(err: BaseException) -> str:
+    """``Type: first line`` of an exception, with advice for the failures researchers hit most."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return ("CUDA out of memory; lower prune.micro_batch_size (windows per forward), set "
+                "method.options.grad_checkpointing=true, or shorten calib.seq_len")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one job end to end; never raise for a job failure. Returns the record that was written."""
     job = Job.from_config(cfg)
@@ -191,7 +265,12 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if done is not None and done.get("status") == "ok" and not cfg.get("force", False):
         log.info("skip %s: finished result in %s", job.name, job.dir / RESULT_FILE)
         return {**done, "skipped": True}
-    job.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable(job.dir)
+    except OSError as err:  # nowhere to record anything: say so before any model work
+        message = f"runs_dir {str(cfg['runs_dir'])!r} is not usable: {err}"
+        log.error("%s failed: %s", job.name, message)
+        return {"status": "failed", "job_name": job.name, "job_id": job.job_id, "error": message}
     reused = reuse_dense(cfg, job.job_id, job.name, job.dir)  # method=none: a finished twin in any sweep
     if reused is not None:
         return reused
@@ -203,11 +282,12 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     tracker: Tracker = Tracker()
     exit_code = 1
     try:
+        validate_config(cfg)
         tracker = make_tracker(cfg["tracker"], cfg, job.job_id, job.name, str(cfg["sweep"]), job.dir)
         out = run_job(cfg, job, tracker)
         exit_code = 0
     except Exception as err:  # one job's failure must not take down the sweep
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        message = one_line_error(err)
         atomic_write_text(job.dir / "error.log", traceback.format_exc())
         log.error("%s failed: %s (traceback: %s)", job.name, message, job.dir / "error.log")
         out = record(cfg, job, None, {}, {}, status="failed", error=message)
