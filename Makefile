@@ -47,5 +47,8 @@ bench: install
 bench-cpu: install
 	$(PY) -m gradmap.bench --preset cpu $(ARGS)
 
+chaos: install  ## 12-job tiny sweep with 3 injected faults: 9 results intact, the rerun redoes exactly 3
+	$(PY) scripts/chaos.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

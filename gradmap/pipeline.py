@@ -163,9 +163,11 @@ def check_forward_finite(model, input_ids: torch.Tensor) -> None:
             handle.remove()
     if bad or not torch.isfinite(logits).all():
         where = f"the output of (pruned) layer {bad[0]}" if bad else "the logits"
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        raise NonFiniteError(f"the pruned model computes NaN/inf in {where} (dtype {dtype}); "
-                             "try dtype=float32 or dtype=bfloat16")
+        dtype = next(model.parameters()).dtype
+        advice = ("the weights or the repair produced non-finite values, not the precision; check the repair info"
+                  if dtype == torch.float32 else "try dtype=float32 (or bfloat16 instead of float16)")
+        raise NonFiniteError(f"the pruned model computes NaN/inf in {where} "
+                             f"(dtype {str(dtype).removeprefix('torch.')}); {advice}")
 
 
 def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics: Mapping[str, Any],
