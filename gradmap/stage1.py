@@ -10,16 +10,27 @@ back-propagated again for the next decision. One loss scores every layer on one 
 assessment). The gradient is reduced as soon as backward produces it (post-accumulate-grad hooks) and dropped,
 so memory stays at weights + activations; several micro-batches accumulate into an fp32 buffer first, because
 |·| is taken after summing over D (``grad_aggregate=batch``).
+
+Memory (bf16 model, P scored weights, A = activations of one micro-batch's forward+backward):
+- one micro-batch, or ``grad_aggregate=microbatch_abs``: weights + A (each gradient is reduced and freed in its hook);
+- several micro-batches with ``grad_aggregate=batch``: weights + A + 4·P bytes (fp32 running sum; 2·P with
+  ``score_accum=bf16``). That buffer is the sum the score needs, so it cannot be avoided.
+Speed: with a buffer, ``wgrad_accum=fused`` (the default there) makes each scored linear's weight-gradient matrix
+product add straight into the buffer (``buf += gᵀx`` with an fp32 output), so no bf16 gradient is written, read
+back and added: the only extra traffic is the buffer's read and write inside that product. ``hook`` is the
+post-accumulate-grad path.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -118,9 +129,7 @@ class _WeightGradScorer:
         return list(self.owner)
 
     def _reduce(self, g: torch.Tensor) -> torch.Tensor:
-        if self.norm == "l1":
-            return torch.linalg.vector_norm(g, 1, dtype=torch.float32)
-        return torch.linalg.vector_norm(g, 2, dtype=torch.float32).square()  # Σ g², rooted per layer later
+        return _reduce_gradient(g, self.norm)
 
     def _add(self, idx: int, value: torch.Tensor) -> None:
         self.totals[idx] = self.totals[idx] + value if idx in self.totals else value
@@ -149,6 +158,127 @@ class _WeightGradScorer:
         for handle in self.handles:
             handle.remove()
         self.buffers.clear()
+
+
+def accumulate_matmul(buf: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``buf += a @ b`` with the product accumulated in ``buf``'s dtype (fp32 for bf16 inputs on CUDA).
+
+    On CUDA, ``addmm(..., out_dtype=float32, out=buf)`` runs one bf16 GEMM whose fp32 epilogue adds into ``buf``
+    (beta = 1): the bf16-rounded gradient never exists. Elsewhere the inputs are cast to ``buf``'s dtype first.
+    """
+    if a.dtype == buf.dtype:
+        buf.addmm_(a, b)
+    elif buf.is_cuda:
+        torch.addmm(buf, a, b, out_dtype=buf.dtype, out=buf)
+    else:
+        buf.addmm_(a.to(buf.dtype), b.to(buf.dtype))
+
+
+class _LinearIntoBuffer(torch.autograd.Function):
+    """``F.linear`` whose backward adds the weight (and bias) gradient into caller-owned buffers.
+
+    The weight's gradient is returned as None, so autograd never materialises it in ``.grad``; the input gradient
+    is the usual one. Saved tensors are the same as for ``F.linear`` (input and weight), so activation memory and
+    gradient checkpointing (which re-runs this forward) behave as for a plain linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                w_buf: torch.Tensor, b_buf: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bufs = (w_buf, b_buf)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        w_buf, b_buf = ctx.bufs
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        accumulate_matmul(w_buf, g2.t(), x.reshape(-1, x.shape[-1]))
+        if b_buf is not None:
+            b_buf.add_(g2.sum(0, dtype=b_buf.dtype))
+        return grad_x, None, None, None, None
+
+
+class _FusedWeightGradScorer:
+    """The ``grad_aggregate=batch`` sum over several micro-batches, accumulated inside the weight-gradient GEMMs.
+
+    Each scored ``nn.Linear`` runs through :class:`_LinearIntoBuffer` while the scorer is open (its ``forward`` is
+    replaced on the instance and restored on ``close``). Buffers are allocated once per selection and zeroed per
+    decision (``reset``); those of removed layers are freed (``drop``). Scores equal :class:`_WeightGradScorer`'s
+    up to rounding: here each micro-batch's product is added in fp32 before any bf16 rounding.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module], norm: str, reduce: str, accum_dtype: torch.dtype) -> None:
+        self.norm, self.reduce = norm, reduce
+        self.modules: dict[int, list[nn.Linear]] = {}
+        self.buffers: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.numel: dict[int, int] = {}
+        for idx, layer in layers.items():
+            linears = [m for name, m in layer.named_modules() if name.rsplit(".", 1)[-1] in LINEAR_NAMES]
+            if not linears or not all(isinstance(m, nn.Linear) for m in linears):
+                raise ValueError(f"wgrad_accum=fused needs nn.Linear projections in {type(layer).__name__}")
+            self.modules[idx] = linears
+            self.numel[idx] = sum(p.numel() for m in linears for p in m.parameters(recurse=False))
+            for m in linears:
+                w_buf = torch.zeros(m.weight.shape, dtype=accum_dtype, device=m.weight.device)
+                b_buf = None if m.bias is None else torch.zeros(m.bias.shape, dtype=accum_dtype, device=m.bias.device)
+                self.buffers[m] = (w_buf, b_buf)
+                m.forward = self._make_forward(m)  # instance attribute shadows nn.Linear.forward
+
+    def _make_forward(self, module: nn.Linear):
+        w_buf, b_buf = self.buffers[module]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return _LinearIntoBuffer.apply(x, module.weight, module.bias, w_buf, b_buf)
+
+        return forward
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Parameters that must require grad so that autograd runs the backward of every scored linear."""
+        return [p for mods in self.modules.values() for m in mods for p in m.parameters(recurse=False)]
+
+    def reset(self) -> None:
+        for w_buf, b_buf in self.buffers.values():
+            w_buf.zero_()
+            if b_buf is not None:
+                b_buf.zero_()
+
+    def drop(self, layer_indices: Sequence[int]) -> None:
+        """Free the buffers of removed layers and give their linears their own forward back."""
+        for idx in layer_indices:
+            for m in self.modules.pop(idx, []):
+                self.buffers.pop(m, None)
+                m.__dict__.pop("forward", None)
+            self.numel.pop(idx, None)
+
+    def scores(self, alive: Sequence[int]) -> dict[int, float]:
+        totals = {}
+        for idx in alive:
+            total = torch.zeros((), dtype=torch.float32, device=next(iter(self.buffers.values()))[0].device)
+            for m in self.modules[idx]:
+                for buf in self.buffers[m]:
+                    if buf is not None:
+                        total = total + _reduce_gradient(buf, self.norm)
+            totals[idx] = total
+        values = torch.stack([totals[idx] for idx in alive]).double().cpu()  # one device sync per decision
+        out = {}
+        for idx, value in zip(alive, values.tolist()):
+            value = value if self.norm == "l1" else value ** 0.5
+            out[idx] = value / self.numel[idx] if self.reduce == "mean" else value
+        return out
+
+    def close(self) -> None:
+        self.drop(list(self.modules))
+
+
+def _reduce_gradient(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """Σ|g| (l1) or Σg² (l2, rooted per layer later), accumulated in fp32 whatever g's dtype."""
+    if norm == "l1":
+        return torch.linalg.vector_norm(g, 1, dtype=torch.float32)
+    return torch.linalg.vector_norm(g, 2, dtype=torch.float32).square()
 
 
 class _ActivationGradScorer:
@@ -206,6 +336,7 @@ class GradMAPSelector(Selector):
     select_order: str = "min"  # min | max (sanity ablation)
     score_accum: str = "fp32"  # fp32 | bf16 buffer for several micro-batches
     grad_checkpointing: bool = False
+    wgrad_accum: str = "auto"  # auto | fused | hook: how the batch sum of several micro-batches is accumulated
 
     def __post_init__(self) -> None:
         self.check_choice("grad_target", ["weights", "layer_output", "layer_gate"])
@@ -214,48 +345,83 @@ class GradMAPSelector(Selector):
         self.check_choice("grad_aggregate", ["batch", "microbatch_abs"])
         self.check_choice("select_order", ["min", "max"])
         self.check_choice("score_accum", ["fp32", "bf16"])
+        self.check_choice("wgrad_accum", ["auto", "fused", "hook"])
         if self.layers_per_step < 1:
             raise ValueError(f"selector 'gradmap': layers_per_step must be >= 1, got {self.layers_per_step}")
+        if self.wgrad_accum == "fused" and (self.grad_target != "weights" or self.grad_aggregate != "batch"
+                                            or self.include_norms):
+            raise ValueError("selector 'gradmap': wgrad_accum=fused needs grad_target=weights, "
+                             "grad_aggregate=batch and include_norms=false")
 
-    def _score_step(self, model: nn.Module, alive: list[int], batches: list[torch.Tensor]) -> tuple[dict, float]:
+    def uses_fused(self, n_microbatches: int) -> bool:
+        """Fused accumulation where a buffer is needed anyway (``auto``), or where asked for (``fused``)."""
+        if self.wgrad_accum == "fused":
+            return True
+        return (self.wgrad_accum == "auto" and n_microbatches > 1 and self.grad_target == "weights"
+                and self.grad_aggregate == "batch" and not self.include_norms)
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.score_accum == "bf16" else torch.float32
+
+    def _forward_backward(self, model: nn.Module, batches: list[torch.Tensor], alive: list[int],
+                          scorer: Any) -> float:
+        """Backward of the mean loss over D, one micro-batch at a time; returns the mean loss.
+
+        Losses stay on the device and are checked once at the end, so the loop never waits for the GPU.
+        """
+        device = model_device(model)
+        rows = sum(mb.shape[0] for mb in batches)
+        losses = []
+        for i, mb in enumerate(batches):
+            mb = mb.to(device, non_blocking=True)
+            if isinstance(scorer, _WeightGradScorer):
+                scorer.last_microbatch = i == len(batches) - 1
+            if isinstance(scorer, _ActivationGradScorer):
+                scorer.tokens += mb.numel()
+                embeds = model.get_input_embeddings()(mb).detach().requires_grad_(True)
+                out = model(inputs_embeds=embeds, labels=mb, use_cache=False)
+            else:
+                out = model(input_ids=mb, labels=mb, use_cache=False)
+            loss = out.loss * (mb.shape[0] / rows)
+            loss.backward()
+            losses.append(loss.detach())
+        values = torch.stack(losses).float().cpu()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0])
+            raise NonFiniteError(
+                f"calibration loss is {float(values[i])} at micro-batch {i} with layers {alive} alive "
+                f"(dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}; "
+                "try dtype=float32 or bfloat16)"
+            )
+        return float(values.double().sum())
+
+    def _score_step(self, model: nn.Module, alive: list[int], batches: list[torch.Tensor],
+                    fused: _FusedWeightGradScorer | None = None) -> tuple[dict[int, float], float]:
         """One decision's worth of work: a forward+backward over D of the current model, reduced to scores."""
         layers = decoder_layers(model)
         alive_layers = {idx: layers[idx] for idx in alive}
-        device = model_device(model)
-        rows = sum(mb.shape[0] for mb in batches)
+        if fused is not None:
+            fused.reset()
+            with active_layers(model, alive), gradients_only_for(model, fused.params):
+                loss = self._forward_backward(model, batches, alive, fused)
+            return fused.scores(alive), loss
         if self.grad_target == "weights":
-            scorer = _WeightGradScorer(alive_layers, self.include_norms, self.grad_norm, self.grad_reduce,
-                                       self.grad_aggregate,
-                                       torch.bfloat16 if self.score_accum == "bf16" else torch.float32)
+            scorer: _WeightGradScorer | _ActivationGradScorer = _WeightGradScorer(
+                alive_layers, self.include_norms, self.grad_norm, self.grad_reduce, self.grad_aggregate,
+                self.accum_dtype)
             params = scorer.params
         else:
             scorer = _ActivationGradScorer(alive_layers, self.grad_target)
             params = []
-        loss_total = 0.0
         try:
             with active_layers(model, alive), gradients_only_for(model, params):
-                for i, mb in enumerate(batches):
-                    mb = mb.to(device)
-                    if isinstance(scorer, _WeightGradScorer):
-                        scorer.last_microbatch = i == len(batches) - 1
-                        out = model(input_ids=mb, labels=mb, use_cache=False)
-                    else:
-                        scorer.tokens += mb.numel()
-                        embeds = model.get_input_embeddings()(mb).detach().requires_grad_(True)
-                        out = model(inputs_embeds=embeds, labels=mb, use_cache=False)
-                    loss = out.loss * (mb.shape[0] / rows)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(
-                            f"calibration loss is {float(loss.detach())} at micro-batch {i} with layers {alive} alive "
-                            f"(dtype {str(next(model.parameters()).dtype).removeprefix('torch.')}; "
-                            "try dtype=float32 or bfloat16)"
-                        )
-                    loss.backward()
-                    loss_total += float(loss.detach())
+                loss = self._forward_backward(model, batches, alive, scorer)
             scores = scorer.scores()
         finally:
             scorer.close()
-        return scores, loss_total
+        return scores, loss
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         n_layers = len(decoder_layers(model))
@@ -264,27 +430,40 @@ class GradMAPSelector(Selector):
         alive, removed = list(range(n_layers)), []
         all_scores: list[dict[int, float]] = []
         losses: list[float] = []
+        step_seconds: list[float] = []
         backward_passes = 0
-        with training_mode(model, self.grad_checkpointing), tqdm(
-            total=n_remove, desc="gradmap stage 1", unit="layer", leave=False
-        ) as bar:
-            while len(removed) < n_remove:
-                k = min(step_size, n_remove - len(removed))
-                scores, loss = self._score_step(model, alive, batches)
-                backward_passes += len(batches)
-                candidates = {i: scores[i] for i in self.candidates(alive, n_layers)}
-                check_finite(candidates, "GradMAP score", next(model.parameters()).dtype)
-                drop = pick_lowest(candidates, k, self.select_order)
-                all_scores.append(dict(sorted(scores.items())))
-                losses.append(loss)
-                removed.extend(drop)
-                alive = [i for i in alive if i not in drop]
-                bar.update(len(drop))
+        use_fused = self.uses_fused(len(batches))
+        fused = (_FusedWeightGradScorer(dict(enumerate(decoder_layers(model))), self.grad_norm, self.grad_reduce,
+                                        self.accum_dtype) if use_fused else None)
+        try:
+            with training_mode(model, self.grad_checkpointing), tqdm(
+                total=n_remove, desc="gradmap stage 1", unit="layer", leave=False
+            ) as bar:
+                while len(removed) < n_remove:
+                    k = min(step_size, n_remove - len(removed))
+                    start = time.perf_counter()
+                    scores, loss = self._score_step(model, alive, batches, fused)  # ends with a device sync
+                    step_seconds.append(time.perf_counter() - start)
+                    backward_passes += len(batches)
+                    candidates = {i: scores[i] for i in self.candidates(alive, n_layers)}
+                    check_finite(candidates, "GradMAP score", next(model.parameters()).dtype)
+                    drop = pick_lowest(candidates, k, self.select_order)
+                    all_scores.append(dict(sorted(scores.items())))
+                    losses.append(loss)
+                    removed.extend(drop)
+                    alive = [i for i in alive if i not in drop]
+                    if fused is not None:
+                        fused.drop(drop)
+                    bar.update(len(drop))
+        finally:
+            if fused is not None:
+                fused.close()
         warn_if_edge(removed, n_layers, "gradmap")
         return Selection(
             removed=removed,
             scores=all_scores,
-            info={"calib_loss": losses, "backward_passes": backward_passes, "decisions": len(all_scores)},
+            info={"calib_loss": losses, "backward_passes": backward_passes, "decisions": len(all_scores),
+                  "step_s": step_seconds, "wgrad_accum": "fused" if use_fused else "hook"},
         )
 
 

@@ -13,12 +13,22 @@ layer output match the dense reference). In one step, closed form:
 
 so the pruned model keeps its architecture and parameter count (METHODS.md §3). ``lambda_rel=0`` with
 ``site=last_before_cut`` is ReplaceMe's least-squares transform (repair ``linear``).
+
+Cost. Both passes run the pruned model *in lockstep* with one dense forward (:func:`_lockstep`): each surviving
+layer is applied to the pruned stream right after the dense model has run it, with the same mask and rotary
+arguments, and the layers before the first cut run once for both. The shift pass therefore costs one dense forward
+without logits plus the survivors after the first cut; it also keeps the stream entering the layer just before the
+first cut (one hidden state per calibration token, e.g. 2 GiB for 128×2048 tokens at d=4096 in bf16), so the fit
+pass starts there and stops at the reference layer nxt(ℓ†)−1. The solve is one d×d Cholesky; the condition number
+(an eigensolve) is computed in the untimed diagnostics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,7 +38,7 @@ from tqdm.auto import tqdm
 
 from gradmap.base import REPAIRS, Repair, calibration_nll, model_device
 from gradmap.calib import microbatches
-from gradmap.capture import capture, forward_quietly
+from gradmap.capture import StopForward, _first_tensor, forward_quietly
 from gradmap.layers import active_layers, decoder_layers
 
 
@@ -38,12 +48,20 @@ def next_survivor_map(n_layers: int, removed: Sequence[int]) -> dict[int, int]:
     return {j: (alive[k + 1] if k + 1 < len(alive) else n_layers) for k, j in enumerate(alive)}
 
 
-def solve_projection(xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str = "identity"
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+def condition_number(lhs: torch.Tensor) -> float:
+    """cond(XᵀX + λI) of a symmetric matrix from its eigenvalues (a d×d eigensolve: a diagnostic, not the fit)."""
+    eigs = torch.linalg.eigvalsh(lhs)
+    return float(eigs[-1] / eigs[0]) if float(eigs[0]) > 0 else math.inf
+
+
+def solve_projection(xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str = "identity",
+                     with_cond: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Closed-form ridge fit of B in min ‖XB − Y‖² + λ‖B − B₀‖² (B₀ = I or 0); returns P = Bᵀ and diagnostics.
 
     Solved by Cholesky in float64. With λ = 0 and a singular XᵀX the Cholesky step fails and the
     minimum-norm least-squares solution is used instead; ``solver`` in the diagnostics says which one ran.
+    ``with_cond=False`` skips the condition number (an eigensolve as costly as the fit itself); the repair
+    computes it in its untimed diagnostics instead.
     """
     d = xtx.shape[0]
     xtx, xty = xtx.double(), xty.double()
@@ -58,11 +76,12 @@ def solve_projection(xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, re
     else:
         b = torch.linalg.lstsq(lhs.cpu(), rhs.cpu(), driver="gelsd").solution.to(lhs.device)
         solver = "lstsq_min_norm"
-    eigs = torch.linalg.eigvalsh(lhs)
-    cond = float(eigs[-1] / eigs[0]) if float(eigs[0]) > 0 else math.inf
     p = b.T.contiguous()
-    return p, {"lambda": lam, "cond": cond, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)),
-               "solver": solver}
+    info: dict[str, Any] = {"lambda": lam, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)),
+                            "solver": solver}
+    if with_cond:
+        info["cond"] = condition_number(lhs)
+    return p, info
 
 
 def merge_into_down_proj(layer: nn.Module, p: torch.Tensor) -> None:
@@ -73,6 +92,55 @@ def merge_into_down_proj(layer: nn.Module, p: torch.Tensor) -> None:
         down.weight.copy_((p @ down.weight.double()).to(down.weight.dtype))
         if down.bias is not None:
             down.bias.copy_((p @ down.bias.double()).to(down.bias.dtype))
+
+
+Visit = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+@contextmanager
+def _lockstep(layers: nn.ModuleList, removed: Sequence[int], stop_after: int, visit: Visit,
+              state: dict[str, bool] | None = None) -> Iterator[None]:
+    """Run the pruned model in lockstep with the dense forward, inside the dense layers' forward hooks.
+
+    After dense layer i has run, the pruned stream advances through layer i too if i survives, with the very
+    keyword arguments (mask, rotary embeddings) that the dense call got. Before the first cut the two streams
+    are the same tensor, so the shared prefix runs once. ``visit(i, dense input, dense output, pruned output or
+    None)`` sees every layer the dense forward reaches; the forward stops after ``stop_after`` (no final norm, no
+    logits). ``state['pruned_call']`` is True while a pruned layer runs, for hooks inside the layers.
+    """
+    removed_set = set(removed)
+    first_cut = min(removed_set)
+    state = {} if state is None else state
+    state["pruned_call"] = False
+    stream: dict[str, torch.Tensor] = {}
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_dense = _first_tensor(output)
+            if i == first_cut:
+                stream["pruned"] = h_in
+            if i < first_cut:
+                stream["pruned"] = h_dense
+            elif i not in removed_set:
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                state["pruned_call"] = True
+                try:
+                    stream["pruned"] = _first_tensor(module.forward(stream["pruned"], *args[1:], **kw))
+                finally:
+                    state["pruned_call"] = False
+            visit(i, h_in, h_dense, None if i in removed_set else stream["pruned"])
+            if i == stop_after:
+                raise StopForward
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -99,39 +167,53 @@ class ProjectionRepair(Repair):
             raise ValueError(f"repair 'projection': lambda_rel must be >= 0, got {self.lambda_rel}")
 
     # -- pass 1: where does the pruned model drift most? ------------------------------------------------------
-    def _token_sums(self, model: nn.Module, batches: list[torch.Tensor], alive: list[int]) -> dict[int, torch.Tensor]:
-        """Σ over tokens of each alive layer's output (fp64), from one forward of the model with ``alive``."""
-        layers = decoder_layers(model)
-        device = model_device(model)
-        sums: dict[int, torch.Tensor] = {}
-        with active_layers(model, alive), torch.inference_mode():
-            named = {str(i): layers[i] for i in alive}
-            for mb in batches:
-                with capture(named, "output", stop_at=layers[alive[-1]]) as outs:
-                    forward_quietly(model.model, mb.to(device))
-                for i in alive:
-                    h = outs[str(i)][:, self.skip_first_tokens:].double()
-                    if self.shift_stat == "rms":
-                        h = h.square()
-                    s = h.sum(dim=(0, 1))
-                    sums[i] = sums[i] + s if i in sums else s
-        return sums
+    def _token_sum(self, h: torch.Tensor) -> torch.Tensor:
+        """Σ over tokens of one hidden state in fp64 (squared for ``shift_stat=rms``), without an fp64 copy."""
+        h = h[:, self.skip_first_tokens:]
+        if self.shift_stat == "rms":
+            return h.double().square().sum(dim=(0, 1))
+        return h.sum(dim=(0, 1), dtype=torch.float64)
 
-    def shifts(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int]) -> dict[int, float]:
-        """Δ_j for every survivor j (original indices), from one dense and one pruned forward."""
-        n_layers = len(decoder_layers(model))
-        nxt = next_survivor_map(n_layers, removed)
-        alive = list(nxt)
-        dense = self._token_sums(model, batches, list(range(n_layers)))
-        pruned = self._token_sums(model, batches, alive)
+    def shift_pass(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], cache_from: int
+                   ) -> tuple[dict[int, float], list[torch.Tensor]]:
+        """Δ_j for every survivor j, from ONE dense forward with the pruned model run in lockstep.
+
+        Also returns, per micro-batch, the stream entering layer ``cache_from`` (the same in the dense and the
+        pruned model when no layer before it is removed), so that the fit pass can start there; nothing is kept
+        when ``cache_from`` is 0 (the embeddings are cheaper to recompute than to keep).
+        """
+        layers = decoder_layers(model)
+        nxt = next_survivor_map(len(layers), removed)
+        refs = {j: (nxt[j] - 1 if self.shift_ref == "next_input" else j) for j in nxt}
+        dense: dict[int, torch.Tensor] = {}
+        pruned: dict[int, torch.Tensor] = {}
+        cache: list[torch.Tensor] = []
+        wanted = set(refs.values())
+
+        def add(sums: dict[int, torch.Tensor], i: int, value: torch.Tensor) -> None:
+            sums[i] = sums[i] + value if i in sums else value
+
+        def visit(i: int, h_in: torch.Tensor, h_dense: torch.Tensor, h_pruned: torch.Tensor | None) -> None:
+            if i == cache_from and cache_from > 0:
+                cache.append(h_in)
+            dense_sum = self._token_sum(h_dense) if i in wanted or h_pruned is h_dense else None
+            if i in wanted:
+                add(dense, i, dense_sum)
+            if h_pruned is not None:  # the same tensor before the first cut: Δ is then exactly 0
+                add(pruned, i, dense_sum if h_pruned is h_dense else self._token_sum(h_pruned))
+
+        device = model_device(model)
+        with torch.inference_mode(), _lockstep(layers, removed, stop_after=max(wanted | set(nxt)), visit=visit):
+            for mb in batches:
+                forward_quietly(model.model, mb.to(device))
         out = {}
-        for j in alive:
-            ref = dense[nxt[j] - 1] if self.shift_ref == "next_input" else dense[j]
+        for j in nxt:
+            ref = dense[refs[j]]
             diff = float(torch.linalg.vector_norm(pruned[j] - ref))
             if self.shift_stat == "relative":
                 diff /= max(float(torch.linalg.vector_norm(ref)), 1e-30)
             out[j] = diff
-        return out
+        return out, cache
 
     def choose_site(self, shifts: dict[int, float], nxt: dict[int, int], removed: Sequence[int]) -> int:
         if self.site == "max_shift":
@@ -139,23 +221,28 @@ class ProjectionRepair(Repair):
         cut_starts = sorted(j for j in nxt if nxt[j] != j + 1 and nxt[j] - 1 in set(removed))
         n_layers = len(nxt) + len(removed)
         if not cut_starts:
-            raise ValueError("repair 'projection': nothing was removed before a survivor; no site to compensate")
+            raise ValueError(f"repair {self.name!r}: no layer was removed after a survivor; no site to compensate")
         if self.site == "last_before_cut":
             return cut_starts[0]
         after = nxt[cut_starts[0]]
         if after >= n_layers:
-            raise ValueError("repair 'projection': site=first_after_cut but the cut reaches the last layer")
+            raise ValueError(f"repair {self.name!r}: site=first_after_cut but the cut reaches the last layer")
         return after
 
     # -- pass 2: fit P at the site --------------------------------------------------------------------------
-    def fit(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], site: int
+    def fit(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], site: int,
+            cache: Sequence[torch.Tensor] = (), cache_from: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Accumulate XᵀX and XᵀY (fp64) over the calibration set, both forwards stopped as early as possible."""
+        """Accumulate XᵀX and XᵀY (fp64) over the calibration set in one lockstep pass, stopped at the reference.
+
+        The dense model runs up to layer ``ref = nxt(site) − 1`` and the pruned one up to the site; with a
+        ``cache`` (the stream entering ``cache_from`` per micro-batch, from :meth:`shift_pass`) both start there
+        instead of at the embeddings.
+        """
         layers = decoder_layers(model)
-        n_layers = len(layers)
-        nxt = next_survivor_map(n_layers, removed)
-        ref_layer = layers[nxt[site] - 1]
-        alive = list(nxt)
+        nxt = next_survivor_map(len(layers), removed)
+        ref = nxt[site] - 1
+        first_cut = min(removed)
         device = model_device(model)
         d = model.config.hidden_size
         xtx = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -164,42 +251,88 @@ class ProjectionRepair(Repair):
         sq_err_identity = xtx.new_zeros(())
         rows = 0
         skip = self.skip_first_tokens
-        with torch.inference_mode():
-            for mb in batches:
-                mb = mb.to(device)
-                with capture({"r": ref_layer}, "output", stop_at=ref_layer) as dense_out:
-                    forward_quietly(model.model, mb)
-                with active_layers(model, alive), capture({"h": layers[site]}, "output", stop_at=layers[site]) as po, \
-                        capture({"m": layers[site].mlp.down_proj}, "output") as mo:
-                    forward_quietly(model.model, mb)
-                x = mo["m"][:, skip:].reshape(-1, d).double()
-                y = (dense_out["r"][:, skip:].reshape(-1, d).double() - po["h"][:, skip:].reshape(-1, d).double()) + x
-                xtx += x.T @ x
-                xty += x.T @ y
-                yty += (y * y).sum()
-                sq_err_identity += ((x - y) ** 2).sum()
-                rows += x.shape[0]
+        got: dict[str, torch.Tensor] = {}
+        state = {"pruned_call": False}
+
+        def visit(i: int, h_in: torch.Tensor, h_dense: torch.Tensor, h_pruned: torch.Tensor | None) -> None:
+            if i == ref:
+                got["r"] = h_dense
+            if i == site:
+                got["h"] = h_pruned
+
+        def down_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if state["pruned_call"] or site < first_cut:  # before the cut the dense call is the pruned one
+                got["m"] = output
+
+        start = cache_from if cache else 0
+        path = list(range(start, ref + 1))
+        handle = layers[site].mlp.down_proj.register_forward_hook(down_hook)
+        try:
+            with torch.inference_mode(), active_layers(model, path), \
+                    _lockstep(layers, removed, stop_after=ref, visit=visit, state=state):
+                for k, mb in enumerate(batches):
+                    got.clear()
+                    if cache:
+                        forward_quietly(model.model, None, inputs_embeds=cache[k])
+                    else:
+                        forward_quietly(model.model, mb.to(device))
+                    x = got["m"][:, skip:].reshape(-1, d).double()
+                    y = (got["r"][:, skip:].reshape(-1, d).double() - got["h"][:, skip:].reshape(-1, d).double()) + x
+                    xtx.addmm_(x.T, x)
+                    xty.addmm_(x.T, y)
+                    yty += (y * y).sum()
+                    sq_err_identity += ((x - y) ** 2).sum()
+                    rows += x.shape[0]
+        finally:
+            handle.remove()
         return xtx, xty, {"rows": rows, "yty": float(yty), "mse_before": float(sq_err_identity) / (rows * d)}
+
+    def layer_forwards(self, n_layers: int, removed: Sequence[int], site: int, cache_from: int) -> dict[str, int]:
+        """Decoder-layer forwards per micro-batch of each pass (dense + pruned), the unit of its cost.
+
+        One dense forward of the model is ``n_layers`` of them plus embeddings, final norm and logits.
+        """
+        nxt = next_survivor_map(n_layers, removed)
+        first_cut = min(removed)
+        shift = 0
+        start = 0
+        if self.site == "max_shift":
+            shift = n_layers + sum(1 for j in nxt if j >= first_cut)
+            start = cache_from
+        fit = (nxt[site] - 1 - start + 1) + sum(1 for j in nxt if first_cut <= j <= site)
+        return {"shift": shift, "fit": fit}
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor, removed: Sequence[int]) -> dict[str, Any]:
         layers = decoder_layers(model)
         n_layers = len(layers)
         nxt = next_survivor_map(n_layers, removed)
         batches = microbatches(calib_ids, self.micro_batch_size)
+        # Every survivor before the first cut has Δ = 0 and none of them can be a site except the one just before
+        # it, so both passes may start at that layer (the stream entering it is the same in both models).
+        cache_from = max(min(removed) - 1, 0)
+        # Each pass ends by reading its result on the host (a device sync), so these clocks need no extra sync.
+        clock = [time.perf_counter()]
         with tqdm(total=2, desc="projection repair", unit="pass", leave=False) as bar:
-            shifts = self.shifts(model, batches, removed) if self.site == "max_shift" else {}
+            shifts, cache = self.shift_pass(model, batches, removed, cache_from) if self.site == "max_shift" \
+                else ({}, [])
+            clock.append(time.perf_counter())
             bar.update(1)
             site = self.choose_site(shifts, nxt, removed)
-            xtx, xty, stats = self.fit(model, batches, removed, site)
+            xtx, xty, stats = self.fit(model, batches, removed, site, cache, cache_from)
+            clock.append(time.perf_counter())
+            del cache
             bar.update(1)
-        p, solve_info = solve_projection(xtx, xty, self.lambda_rel, self.reg_target)
+        p, solve_info = solve_projection(xtx, xty, self.lambda_rel, self.reg_target, with_cond=False)
         b = p.T
         d = xtx.shape[0]
         resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
         down = layers[site].mlp.down_proj
-        self._original_down = {"module": down, "weight": down.weight.detach().clone()}
+        self._original_down = {"module": down, "weight": down.weight.detach().clone(), "xtx": xtx,
+                               "lambda": solve_info["lambda"]}
         merge_into_down_proj(layers[site], p)
         return {
+            "pass_s": {"shift": clock[1] - clock[0], "fit": clock[2] - clock[1]},
+            "layer_forwards": self.layer_forwards(len(layers), removed, site, cache_from),
             "site": site,
             "shifts": shifts,
             "mse_before": stats["mse_before"],
@@ -219,8 +352,11 @@ class ProjectionRepair(Repair):
             down.weight.copy_(self._original_down["weight"])
             before = calibration_nll(model, calib_ids, self.micro_batch_size)
             down.weight.copy_(merged)
+        xtx, lam = self._original_down["xtx"], self._original_down["lambda"]
+        cond = condition_number(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device))
         self._original_down = {}
-        return {"calib_nll_uncompensated": before, "calib_nll_compensated": after, "nll_rose": after > before}
+        return {"calib_nll_uncompensated": before, "calib_nll_compensated": after, "nll_rose": after > before,
+                "cond": cond}
 
 
 REPAIRS.add("projection", ProjectionRepair)
