@@ -242,7 +242,16 @@ def speedup_table(main: pd.DataFrame, averaging: Averaging) -> pd.DataFrame:
             "devices": group["device"].nunique(),
         }
         rows.append(row)
-    return pd.DataFrame(rows)
+    base = ["model", "eval", "n_remove", "n_layers", "ratio", "device", "gradmap_prune_s", "mean_speedup",
+            "geomean_speedup", "averaging_set", "averaged_over", "missing_from_set", "devices"]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=base)  # no GradMAP run: no speedups
+
+
+def times(value: float) -> str:
+    """A speed ratio: two decimals, or two significant digits below 0.1 (so 0.0004× does not read as 0)."""
+    if pd.isna(value):
+        return "–"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
 
 
 @dataclass
@@ -274,11 +283,11 @@ def display_columns(main: pd.DataFrame, averaging: Averaging) -> dict[str, Colum
         "repair_s": Column("repair (s)", ".3g"),
         "prune_s": Column("total (s)", ".3g"),
         "peak_mem_gib": Column("peak mem (GiB)", ".2f"),
-        "gradmap_speedup": Column("GradMAP speedup (×)", ".2f"),
-        "mean_speedup": Column(f"GradMAP mean speedup over [{averaging.label}] (×)", ".2f"),
+        "gradmap_speedup": Column("GradMAP speedup (×)", "x"),
+        "mean_speedup": Column(f"GradMAP mean speedup over [{averaging.label}] (×)", "x"),
         "params_pct": Column("params kept (%)", ".1f"),
-        "prefill_speedup": Column("prefill speedup (×)", ".2f"),
-        "decode_speedup": Column("decode speedup (×)", ".2f"),
+        "prefill_speedup": Column("prefill speedup (×)", "x"),
+        "decode_speedup": Column("decode speedup (×)", "x"),
     }
     if main["eval"].nunique() <= 1:
         cols.pop("eval")
@@ -299,8 +308,8 @@ def display(main: pd.DataFrame, cols: dict[str, Column]) -> pd.DataFrame:
         if col.fmt == "s":
             out[col.label] = series.astype(str)
         else:
-            out[col.label] = (series.astype(float) * col.scale).map(lambda v, f=col.fmt: "–" if pd.isna(v)
-                                                                    else format(v, f))
+            out[col.label] = (series.astype(float) * col.scale).map(
+                lambda v, f=col.fmt: "–" if pd.isna(v) else (times(v) if f == "x" else format(v, f)))
     return out.reset_index(drop=True)
 
 
@@ -312,6 +321,8 @@ def write_table(view: pd.DataFrame, raw: pd.DataFrame, out: Path, stem: str, cap
     latex = (view.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
              .to_latex(caption=_latex_escape(caption), label=f"tab:{stem}", hrules=True, position="t"))
     latex = latex.replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("–", "--")
+    latex = latex.replace("\\begin{tabular}", "\\resizebox{\\textwidth}{!}{%\n\\begin{tabular}").replace(
+        "\\end{tabular}", "\\end{tabular}}")  # wide tables: scale to the text width (needs graphicx)
     paths[2].write_text(latex, encoding="utf-8")
     return paths
 
@@ -323,8 +334,12 @@ def _latex_escape(text: str) -> str:
 
 
 def main_caption(main: pd.DataFrame, averaging: Averaging) -> str:
-    maps = sorted(set(main["metric_map"].dropna()) - {""})
-    metric_map = "; ".join(maps) if maps else "no tasks"
+    pairs = sorted({tuple(p.split("=", 1)) for m in main["metric_map"].dropna() for p in m.split(";") if "=" in p})
+    by_metric: dict[str, list[str]] = {}
+    for task, metric in pairs:
+        by_metric.setdefault(metric, []).append(task)
+    metric_map = "; ".join(f"{metric}: {', '.join(sorted(tasks, key=TASK_NAMES.index))}"
+                           for metric, tasks in sorted(by_metric.items())) or "no tasks"
     devices = ", ".join(sorted(set(main["device"].dropna())))
     kinds = ", ".join(sorted(set(main["peak_mem_kind"].dropna())))
     setups = ", ".join(sorted(set(main["speed_setup"].dropna())))
@@ -342,7 +357,7 @@ def speedup_view(speed: pd.DataFrame) -> pd.DataFrame:
     view["layers"] = layers_label(view)
     xcols = [c for c in view.columns if c.startswith("x_")]
     for col in [*xcols, "mean_speedup", "geomean_speedup"]:
-        view[col] = view[col].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+        view[col] = view[col].map(times)
     view["gradmap_prune_s"] = view["gradmap_prune_s"].map("{:.3g}".format)
     keep = ["model", "eval", "ratio", "layers", "gradmap_prune_s", *xcols, "mean_speedup", "geomean_speedup",
             "averaged_over", "missing_from_set"]
@@ -361,9 +376,9 @@ def speedup_view(speed: pd.DataFrame) -> pd.DataFrame:
 def _fmt_delta(delta: float, noise: float, unit: str, higher_better: bool = True) -> str:
     if not np.isfinite(delta):
         return "n/a"
-    word = "ahead" if (delta > 0) == higher_better else "behind"
     if delta == 0:
-        word = "tied"
+        return "tied"
+    word = "ahead" if (delta > 0) == higher_better else "behind"
     noisy = " (within noise)" if np.isfinite(noise) and abs(delta) < noise else ""
     return f"{word} by {abs(delta):.2f} {unit}{noisy}"
 
@@ -420,7 +435,7 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
     table = pd.DataFrame({
         "method": others.index,
         "time (s)": others["prune_s"].map("{:.3g}".format),
-        "GradMAP speedup (×)": others["gradmap_speedup"].map("{:.2f}".format),
+        "GradMAP speedup (×)": others["gradmap_speedup"].map(times),
         "in mean": ["yes" if v in members else ("control" if v.split("+")[0] in CONTROLS else "no")
                     for v in others.index],
         "avg (%)": others["avg"].map("{:.2f}".format),
@@ -441,9 +456,9 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
         lines.append(f"**Speed claim {verdict_word}**: mean speedup {mean:.2f}× (geometric {geo:.2f}×) over "
                      f"[{cell['averaged_over']}] is {'at least' if mean >= claim else 'below'} {claim:g}×."
                      + (f" Not in the sweep, so not averaged: {missing}." if missing else ""))
-        slower = others[others["gradmap_speedup"] < 1]
+        slower = others[(others["gradmap_speedup"] < 1) & ~others["method"].isin(CONTROLS)]  # controls cost ~0
         if not slower.empty:
-            names = ", ".join(f"{v} ({x:.2f}×)" for v, x in slower["gradmap_speedup"].items())
+            names = ", ".join(f"{v} ({times(x)}×)" for v, x in slower["gradmap_speedup"].items())
             lines.append(f"GradMAP is slower than: {names}.")
     if dense_row.empty or pd.isna(g["avg"]):
         lines.append("Accuracy: no dense reference or no zero-shot tasks in this sweep." if pd.isna(g["avg"])
@@ -462,6 +477,10 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
                      + (f"; within noise of {', '.join(noisy)}" if noisy else "") + ".")
         if behind:
             lines.append("**It does not lose less accuracy than every method here.**")
+        elif len(ahead) == len(comp) and len(comp):
+            lines.append("GradMAP loses less accuracy than every method here"
+                         + (" — but every gap is within noise." if len(noisy) == len(comp) else
+                            f" ({len(noisy)} of the gaps within noise)." if noisy else "."))
     if pd.notna(g["ppl"]):
         comp = others[others["ppl"].notna()]
         worse = comp.index[comp["ppl"] < g["ppl"]].tolist()
@@ -509,12 +528,18 @@ def _panels(main: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def _plain_log_axis(axis: Any) -> None:
-    """Label a log axis 0.5, 2, 30 instead of 5×10⁻¹, 2×10⁰, 3×10¹ (readable at a glance)."""
-    formatter = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(formatter)
-    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
-        lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+def _plain_log_axis(axis: Any, values: Iterable[float]) -> None:
+    """Label a log axis 0.5, 2, 30 instead of 5×10⁻¹, 2×10⁰, 3×10¹; within less than ~1.5 decades, put a
+    few evenly spaced labelled ticks (a log axis there would show no label at all)."""
+    finite = [v for v in values if np.isfinite(v) and v > 0]
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    if finite and max(finite) / min(finite) < 30:
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6))
+        axis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.set_major_formatter(plain)
+        return
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
 
 
 def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
@@ -553,7 +578,7 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
             ax.axhline(dense.iloc[0], color="black", ls="--", lw=1, label="dense (none)")
         if log:
             ax.set_yscale("log")
-            _plain_log_axis(ax.yaxis)
+            _plain_log_axis(ax.yaxis, group[metric])
         ax.set_title(title)
         ax.set_xlabel("layers removed (%)")
         ax.set_ylabel(ylabel)
@@ -582,7 +607,7 @@ def plot_pruning_time(main: pd.DataFrame, out: Path) -> list[Path]:
             ax.bar(xs, times.to_numpy(dtype=float), width, color=cmap(j / max(len(ratios) - 1, 1) * 0.85),
                    label=f"{100 * ratio:.1f}% removed")
         ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
+        _plain_log_axis(ax.yaxis, group["prune_s"])
         ax.set_xticks(np.arange(len(variants)), variants, rotation=30, ha="right")
         for tick in ax.get_xticklabels():
             if tick.get_text() == GRADMAP:
@@ -629,7 +654,7 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
         if not dense.empty:
             ax.axhline(dense.iloc[0], color="black", ls="--", lw=1, label="dense (none)")
         ax.set_xscale("log")
-        _plain_log_axis(ax.xaxis)
+        _plain_log_axis(ax.xaxis, times)
         ax.set_xlabel("pruning time (s, log scale)")
         ax.set_ylabel("average accuracy (%)")
         ax.set_title(title, fontsize="medium")
@@ -799,8 +824,10 @@ def build(sweep_dir: str | Path, out: str | Path | None = None, averaging: Avera
 
     files.plots += plot_metric_vs_ratio(main, files.out, "avg", "accuracy_vs_ratio", "average accuracy (%)", False)
     if main["ppl"].notna().any():
+        windows = main["ppl_window"].dropna().unique()
+        window = f"window {int(windows[0])} tokens, " if len(windows) == 1 else ""
         files.plots += plot_metric_vs_ratio(main, files.out, "ppl", "ppl_vs_ratio",
-                                            "WikiText-2 perplexity (log scale)", True)
+                                            f"WikiText-2 perplexity ({window}log scale)", True)
     files.plots += plot_pruning_time(main, files.out)
     files.plots += plot_pareto(main, files.out)
     files.plots += plot_removed_layers(main, files.out)

@@ -143,7 +143,7 @@ def test_speedup_table_and_averaging_set(report, sweep):
 def test_markdown_and_latex_state_the_set_and_metric_map(report):
     md = (report.out / "main.md").read_text()
     assert "shortgpt, taylor_plus, sleb, streamline" in md
-    assert "boolq=acc" in md and "PPL (w=128)" in md
+    assert "metric map: acc: boolq, piqa." in md and "PPL (w=128)" in md
     gradmap_row = next(line for line in md.splitlines() if "| gradmap " in line and "| 2/8 " in line)
     assert [c.strip() for c in gradmap_row.split("|")][7:9] == ["65.00", "-10.00"]  # avg and Δavg
     tex = (report.out / "main.tex").read_text()
@@ -188,3 +188,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--speedup-baselines", ","])
+
+
+def test_sweep_without_gradmap_or_dense_still_reports(tmp_path):
+    root = tmp_path / "partial"
+    write(root, record("shortgpt", 2, 0.6, 0.6, 20.0, 1.0, 0.0))
+    write(root, record("sleb", 2, 0.7, 0.6, 14.0, 60.0, 0.0))
+    files = build(root, tmp_path / "out")
+    main_df = pd.read_csv(files.out / "main.csv")
+    assert main_df["gradmap_speedup"].isna().all() and main_df["d_avg"].isna().all()
+    assert "No verdict" in files.verdict.read_text()
+
