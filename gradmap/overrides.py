@@ -14,11 +14,13 @@ from gradmap.registry import unknown_name_message
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHECKED_GROUPS = ("model", "method", "repair", "calib", "eval", "tracker", "experiment", "hydra/launcher")
+# Launchers that Hydra and its installed plugins provide without a YAML in conf/.
+BUILTIN = {"hydra/launcher": ["basic", "joblib", "submitit_local", "submitit_slurm"]}
 _PLAIN = re.compile(r"^[+]{0,2}(?P<group>[A-Za-z_/]+)=(?P<values>[A-Za-z0-9_.,\-]+)$")
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    return sorted({p.stem for p in (conf_dir / group).glob("*.yaml")} | set(BUILTIN.get(group, [])))
 
 
 def check_overrides(args: Iterable[str], conf_dir: Path = CONF_DIR) -> None:
