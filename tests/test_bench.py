@@ -303,25 +303,27 @@ def reference_projection(model, ids, removed, repair: ProjectionRepair):
     return shifts if repair.site == "max_shift" else {}, site, p
 
 
-@pytest.mark.parametrize("removed", [[2, 3], [0, 5], [3, 7], [1, 4, 6]])
-@pytest.mark.parametrize("micro", [1, 3])
-def test_lockstep_projection_equals_separate_forwards(removed, micro):
-    ids = make_calib(4, 12)
-    for options in ({}, {"shift_stat": "rms", "skip_first_tokens": 1}, {"shift_ref": "same_layer"},
-                    {"site": "last_before_cut"} if removed[0] > 0 else {"site": "first_after_cut"}):
-        model = make_tiny(8)
-        repair = ProjectionRepair(micro_batch_size=micro, **options)
-        shifts, site, p = reference_projection(model, ids, removed, repair)
-        reference = make_tiny(8)
-        merge_into_down_proj(reference.model.layers[site], p)
-        info = repair.apply(model, ids, removed)
-        assert info["site"] == site, options
-        assert info["shifts"].keys() == shifts.keys()
-        for j in shifts:
-            assert info["shifts"][j] == pytest.approx(shifts[j], rel=1e-9, abs=1e-12), (options, j)
-        torch.testing.assert_close(model.model.layers[site].mlp.down_proj.weight,
-                                   reference.model.layers[site].mlp.down_proj.weight, rtol=1e-5, atol=1e-6)
-        assert not any(m._forward_hooks for m in model.modules())
+@pytest.mark.parametrize("removed, micro, options", [
+    ([2, 3], 1, {}), ([2, 3], 3, {"shift_stat": "rms", "skip_first_tokens": 1}),
+    ([0, 5], 1, {}), ([0, 5], 3, {"site": "first_after_cut"}),  # first cut at 0: no cached stream
+    ([3, 7], 3, {}), ([3, 7], 1, {"shift_ref": "same_layer"}),  # last layer removed
+    ([1, 4, 6], 1, {}), ([1, 4, 6], 3, {"site": "last_before_cut", "shift_stat": "absolute"}),
+])
+def test_lockstep_projection_equals_separate_forwards(removed, micro, options):
+    ids = make_calib(4, 12)  # micro=3 splits it 3 + 1: the cached stream is per micro-batch
+    model = make_tiny(8)
+    repair = ProjectionRepair(micro_batch_size=micro, **options)
+    shifts, site, p = reference_projection(model, ids, removed, repair)
+    reference = make_tiny(8)
+    merge_into_down_proj(reference.model.layers[site], p)
+    info = repair.apply(model, ids, removed)
+    assert info["site"] == site
+    assert info["shifts"].keys() == shifts.keys()
+    for j in shifts:
+        assert info["shifts"][j] == pytest.approx(shifts[j], rel=1e-9, abs=1e-12), j
+    torch.testing.assert_close(model.model.layers[site].mlp.down_proj.weight,
+                               reference.model.layers[site].mlp.down_proj.weight, rtol=1e-5, atol=1e-6)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_stage2_layer_forward_count_and_pass_times_are_reported():
