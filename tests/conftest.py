@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gradmap.models import tiny_llama  # noqa: E402
+from gradmap.models import tiny_llama
 
 VOCAB = 256
 
