@@ -122,6 +122,10 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any
 
     t = time.perf_counter()
     calib_ids = calibration(cfg["calib"], tokenizer)                                          # calibrate
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and calib_ids.shape[1] > max_len:
+        raise ValueError(f"calib.seq_len={calib_ids.shape[1]} exceeds the model's max_position_embeddings="
+                         f"{max_len}; allowed: 2..{max_len}")
     phases["calib_s"] = time.perf_counter() - t
 
     result = prune_from_config(model, calib_ids, cfg)                                         # select + repair

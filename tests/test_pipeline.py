@@ -74,7 +74,8 @@ def test_finished_job_is_skipped(tmp_path):
     (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
     (["prune.ratio=0.01"], "rounds to 0 layers"),
     (["dtype=float8"], "unknown dtype 'float8'"),
-    (["calib.seq_len=100000"], "too short for windows of 100000 tokens"),
+    (["calib.seq_len=100000000"], "too short for windows of 100000000 tokens"),
+    (["calib.seq_len=5000"], "calib.seq_len=5000 exceeds the model's max_position_embeddings=4096"),
 ])
 def test_bad_values_fail_the_job_with_one_line(tmp_path, overrides, message):
     rec = execute(config(tmp_path, "eval=none", *overrides))
