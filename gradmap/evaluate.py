@@ -62,7 +62,7 @@ def _check_keys(cfg: Mapping[str, Any], allowed: Sequence[str], where: str) -> N
     """A typo in a preset (``limt:``) must fail loudly instead of silently evaluating everything."""
     for key in cfg:
         if key not in allowed:
-            raise ValueError(f"unknown key {where}{key!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"unknown key {where}{key}; allowed: {', '.join(allowed)}")
 
 
 Limit = int | Mapping[str, int | None] | None

