@@ -142,7 +142,11 @@ def _load_tasks(tasks: list[str], source: str) -> tuple[Any, dict[str, Any]]:
 def _run_lm_eval(
     model: torch.nn.Module, tokenizer: Any, tasks: list[str], cfg: Mapping[str, Any]
 ) -> dict[str, dict[str, float]]:
-    """Score ``tasks`` with lm-eval; returns {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n}}."""
+    """Score ``tasks`` with lm-eval; returns {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n}}.
+
+    With ``source: online`` the built-in boolq and winogrande YAMLs compute acc only, so their acc_norm keys
+    are absent (the local copies add acc_norm, see gradmap/tasks/*.yaml).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -170,6 +174,8 @@ def _run_lm_eval(
         res = out["results"][name]
         row = {}
         for metric in METRICS:
+            if f"{metric},none" not in res:  # online boolq/winogrande: the built-in YAMLs report acc only
+                continue
             row[metric] = float(res[f"{metric},none"])
             stderr = res.get(f"{metric}_stderr,none")
             row[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
@@ -250,6 +256,11 @@ def evaluate(model: Any, tokenizer: Any, cfg: Mapping, device: str | torch.devic
         if tasks:
             per_task = _run_lm_eval(model, tokenizer, tasks, cfg)
             for name in tasks:
+                if primary[name] not in per_task[name]:
+                    raise ValueError(
+                        f"task {name!r} reports no {primary[name]!r} (source {source}); "
+                        "use eval.metric_map to pick acc for it"
+                    )
                 results[name] = per_task[name][primary[name]]
             results["avg"] = 100.0 * sum(results[name] for name in tasks) / len(tasks)
             for name in tasks:
