@@ -121,7 +121,7 @@ def load_model(spec: dict[str, Any], device: torch.device, dtype: str | torch.dt
 
     ``spec['source']`` is ``gguf_smollm2`` (offline default), ``tiny`` (random, seeded) or ``hub``
     (``from_pretrained(hub_id)``; needs internet or a local HF cache). ``trust_remote_code`` stays off unless
-    the config sets it, and safetensors are required for hub weights unless ``use_safetensors`` says otherwise.
+    the config sets it; safetensors are preferred where a repo offers both (``use_safetensors: true`` requires them).
     """
     source = spec.get("source")
     torch_dtype = resolve_dtype(dtype, device)
@@ -149,7 +149,7 @@ def load_model(spec: dict[str, Any], device: torch.device, dtype: str | torch.dt
             AutoConfig.from_pretrained(hub_id, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(
                 hub_id, dtype=torch_dtype, trust_remote_code=trust,
-                use_safetensors=spec.get("use_safetensors", True), attn_implementation=spec.get("attn", "sdpa"),
+                use_safetensors=spec.get("use_safetensors"), attn_implementation=spec.get("attn", "sdpa"),
             )
         except OSError as err:
             raise OSError(
