@@ -53,7 +53,7 @@ class Job:
             "model": cfg["model"],
             "method": cfg["method"],
             "repair": cfg["repair"],
-            "prune": {k: v for k, v in cfg["prune"].items()},
+            "prune": effective_prune(cfg["prune"]),
             "calib": cfg["calib"],
             "eval": cfg["eval"],
             "seed": cfg["seed"],
@@ -72,6 +72,14 @@ class Job:
         parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
         name = "-".join(str(p) for p in parts)
         return cls(job_id, name, Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}", identity)
+
+
+def effective_prune(prune_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The prune settings as they act: ``ratio=null`` + ``default_ratio=0.25`` is the same job as ``ratio=0.25``."""
+    out = {k: v for k, v in prune_cfg.items() if k != "default_ratio"}
+    if out.get("ratio") is None and out.get("n_remove") is None:
+        out["ratio"] = prune_cfg.get("default_ratio")
+    return out
 
 
 def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:

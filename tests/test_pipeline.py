@@ -62,6 +62,13 @@ def test_same_config_twice_gives_the_same_layers_and_metrics(tmp_path):
     assert again["job_id"] == first["job_id"]
 
 
+def test_default_ratio_and_explicit_ratio_are_the_same_job(tmp_path):
+    from gradmap.pipeline import Job
+
+    assert Job.from_config(config(tmp_path)).job_id == Job.from_config(config(tmp_path, "prune.ratio=0.25")).job_id
+    assert Job.from_config(config(tmp_path)).job_id != Job.from_config(config(tmp_path, "prune.ratio=0.5")).job_id
+
+
 def test_finished_job_is_skipped(tmp_path):
     first = execute(config(tmp_path, "method=random", "prune.n_remove=1", "eval=none"))
     second = execute(config(tmp_path, "method=random", "prune.n_remove=1", "eval=none"))
