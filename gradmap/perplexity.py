@@ -45,8 +45,7 @@ class PerplexityResult:
 
 
 def wikitext2_rows(raw: str) -> list[str]:
-    """Split the raw test file into HF ``wikitext-2-raw-v1`` rows: ``line + "\\n"``, or ``""`` for a blank
-    line.
+    """Split the raw test file into HF ``wikitext-2-raw-v1`` rows: ``line + "\\n"``, or ``""`` if blank.
 
     This is how HF's builder yields the file, and the "\\n\\n" join of METHODS §6 is defined over those rows.
     """
@@ -66,7 +65,8 @@ def load_ppl_text(dataset: str = "wikitext2", path: str | Path | None = None) ->
             f"perplexity text {str(path)!r} is missing; restore it with `git checkout -- data/` "
             "or `python scripts/convert_data.py --shared ../shared`"
         )
-    return "\n\n".join(wikitext2_rows(path.read_text(encoding="utf-8")))
+    # bytes -> str without newline translation, so the text is exactly the file's
+    return "\n\n".join(wikitext2_rows(path.read_bytes().decode("utf-8")))
 
 
 def tokenize_corpus(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
