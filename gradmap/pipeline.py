@@ -57,8 +57,7 @@ class Job:
             "calib": cfg["calib"],
             "eval": cfg["eval"],
             "seed": cfg["seed"],
-            "dtype": str(cfg["dtype"]) if cfg["dtype"] not in ("auto",) else
-                     str(resolve_dtype("auto", device)).removeprefix("torch."),
+            "dtype": effective_dtype_name(cfg["dtype"], device),
         }
         if method == "none":  # the dense reference depends on model, evaluation and dtype only
             for key in ("method", "repair", "prune", "calib", "seed"):
@@ -72,6 +71,17 @@ class Job:
         parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
         name = "-".join(str(p) for p in parts)
         return cls(job_id, name, Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}", identity)
+
+
+def effective_dtype_name(name: str, device: torch.device) -> str:
+    """The dtype as it acts (auto -> float32 or bfloat16 by device type; fp32 is the same job as float32).
+
+    An unknown name is kept as given so the job still gets an id and fails later with a one-line error.
+    """
+    try:
+        return str(resolve_dtype(name, device)).removeprefix("torch.")
+    except ValueError:
+        return str(name)
 
 
 def effective_prune(prune_cfg: Mapping[str, Any]) -> dict[str, Any]:

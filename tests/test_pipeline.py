@@ -117,3 +117,11 @@ def test_run_py_end_to_end(tmp_path):
     rec = json.loads(results[0].read_text())
     assert rec["status"] == "ok" and set(TASKS) <= set(rec["metrics"])
     assert list(results[0].parent.rglob("wandb/offline-run-*")), "an offline W&B run is written"
+
+
+def test_dtype_aliases_are_the_same_job(tmp_path):
+    from gradmap.pipeline import Job
+
+    same = {Job.from_config(config(tmp_path, f"dtype={name}")).job_id for name in ("auto", "float32", "fp32")}
+    assert len(same) == 1, "on CPU auto means float32, and fp32 is an alias of it"
+    assert Job.from_config(config(tmp_path, "dtype=bf16")).job_id != same.pop()
