@@ -16,7 +16,7 @@ from gradmap.pipeline import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-FAST = ["model=tiny_llama", "eval=smoke", "tracker=none", "calib.n_samples=2", "calib.seq_len=32"]
+FAST = ["model=tiny_llama", "eval=smoke", "tracker=none", "calib.n_samples=2", "calib.seq_len=32", "speed.min_time_s=0"]
 
 
 def config(tmp_path: Path, *overrides: str) -> dict:

@@ -244,3 +244,14 @@ def test_speed_is_measured_the_same_way_for_dense_and_pruned():
         measure_speed(model, gen_len=0)
     with pytest.raises(ValueError, match=r"unknown key speed\.prompt; allowed"):
         measure_from_config(model, {"enabled": True, "prompt": 3})
+
+
+def test_speed_runs_until_its_time_floor():
+    """A model that answers in milliseconds is timed over more runs than ``repeats`` (GPU clocks, noise)."""
+    model = tiny_llama(vocab_size=256, num_hidden_layers=2)
+    exact = measure_speed(model, prompt_len=4, gen_len=2, repeats=2, warmup=0, min_time_s=0)
+    floored = measure_speed(model, prompt_len=4, gen_len=2, repeats=1, warmup=1, min_time_s=0.2)
+    assert exact.timed_runs == 2
+    assert floored.timed_runs > 1, "one run of a 2-layer toy model takes far less than 0.2 s"
+    with pytest.raises(ValueError, match=r"speed.min_time_s=-1 is invalid; allowed: seconds from 0 to 600"):
+        measure_speed(model, min_time_s=-1)
