@@ -56,6 +56,7 @@ GRADMAP = "gradmap"
 DENSE = "none"
 CONTROLS = ("random", "last_n")
 DEFAULT_AVERAGING = ("shortgpt", "taylor_plus", "sleb", "streamline")  # METHODS.md §5 (an assumption)
+SHORT_PRUNE_S = 10.0  # below this, a pruning time says more about fixed overheads than about the method
 CLAIM = 4.0
 # Display order: GradMAP first, then the baselines roughly by cost, then controls.
 METHOD_ORDER = ("none", "gradmap", "gradmap_s1", "shortgpt", "angular", "taylor", "taylor_plus", "ppl", "sleb",
@@ -419,6 +420,20 @@ def verdict(main: pd.DataFrame, speed: pd.DataFrame, averaging: Averaging, claim
     return "\n".join(lines)
 
 
+def _inference_lines(rows: pd.DataFrame, g: pd.Series) -> list[str]:
+    """GradMAP's pruned-model decode speedup, next to the spread over every method with the same layer count.
+
+    All of them leave the same architecture (repairs are merged into existing weights), so that spread is what the
+    speed measurement itself varies by; a difference between methods smaller than it means nothing.
+    """
+    pruned = rows[rows["method"] != DENSE]["decode_speedup"].dropna()
+    if pd.isna(g.get("decode_speedup")) or pruned.empty:
+        return []
+    spread = (f"; over the {len(pruned)} methods with this layer count {pruned.min():.2f}–{pruned.max():.2f}× "
+              "(the same architecture, so the spread is measurement noise)") if len(pruned) > 1 else ""
+    return [f"Inference: the GradMAP-pruned model decodes {g['decode_speedup']:.2f}× as fast as dense{spread}."]
+
+
 def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, claim: float) -> list[str]:
     key = (main["model"] == cell["model"]) & (main["eval"] == cell["eval"]) & (main["n_remove"] == cell["n_remove"])
     rows = main[key].set_index("variant")
@@ -489,7 +504,11 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
                      + (f" vs dense {dense_row['ppl'].iloc[0]:.2f}" if not dense_row.empty else "")
                      + f"; lower than {len(comp) - len(worse)} of {len(comp)} methods"
                      + (f", higher than {worse_text}" if worse else "") + ".")
+    lines += _inference_lines(rows, g)
     caveats = []
+    if pd.notna(g["prune_s"]) and g["prune_s"] < SHORT_PRUNE_S:
+        caveats.append(f"GradMAP prunes in {g['prune_s']:.3g} s here, where fixed per-call overheads weigh as much "
+                       "as the passes the claim counts; judge the claim on a 7B model or with `make bench`")
     if str(g["device"]).startswith("cpu"):
         caveats.append("timings are from a CPU; the claim concerns GPUs (METHODS.md §5)")
     items = g.get("items_per_task")

@@ -15,12 +15,13 @@ does not change the cost of a dense transformer). Only the logits of the last po
 ``generate`` does. Untimed warm-up runs precede the timed ones and the median of the timed runs is kept; on
 CUDA the clock is read after ``synchronize``.
 
-Why a time floor (``min_time_s``) on top of run counts: a small model on a GPU answers in milliseconds, so three
-runs after one warm-up are over before the GPU has left its idle clocks, and the dense/pruned ratio then says
-more about what the job did just before (a backward-heavy selector leaves the GPU boosted, a random one does not)
-than about the layers (seen: 2.2x "speedup" for 13% of layers removed on an H200). Warm-up and timed runs each
-continue until both their count and ``min_time_s`` seconds are reached; on a CPU one run of a real model already
-takes longer than that, so nothing changes there.
+Why a time floor (``min_time_s``) on top of run counts: a toy model answers in milliseconds, and three such runs
+after one warm-up measure timer and scheduling jitter. Warm-up and timed runs each continue until both their count
+and ``min_time_s`` seconds are reached; one run of a real model on a CPU already takes longer, so nothing changes
+there. What the floor does not fix: at batch 1 a small model on a GPU is bound by the host's kernel launches
+(SmolLM2-135M on an H200: ~0.6 ms per layer per decoded token), and from job to job that varied by ±50% in the
+offline_main sweep (decode speedups 0.73–1.56x for the same 8 of 30 layers removed). The report prints that spread
+next to each inference speedup.
 
 This module imports only torch, so the core stays usable without the suite's extras.
 """
