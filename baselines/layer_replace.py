@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from baselines._common import contiguous_cut
 from gradmap.base import REPAIRS, NonFiniteError, Repair, calibration_nll, model_device
 from gradmap.calib import microbatches
-from gradmap.capture import _first_tensor, capture, forward_quietly
+from gradmap.capture import capture, first_tensor, forward_quietly
 from gradmap.layers import decoder_layers
 
 
@@ -169,7 +169,7 @@ class LayerReplaceRepair(Repair):
             h_in, kwargs, target = self.teacher(model, lo, hi, ids)
             counters["forward_passes"] += 1
             with torch.set_grad_enabled(grad):
-                pred = _first_tensor(student(_as_float32(h_in), **_as_float32(kwargs)))
+                pred = first_tensor(student(_as_float32(h_in), **_as_float32(kwargs)))
                 return F.mse_loss(pred, target.float())
 
         def validate() -> float:

@@ -17,7 +17,8 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass once every wanted tensor is captured."""
 
 
-def _first_tensor(value) -> torch.Tensor:
+def first_tensor(value) -> torch.Tensor:
+    """The hidden states in a decoder layer's output, whether it returns a tensor or a tuple (transformers 4.x)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -44,7 +45,7 @@ def capture(
 
     def make_hook(name: str, module: nn.Module):
         def hook(mod, args, kwargs, output):
-            captured[name] = _hidden_input(args, kwargs) if what == "input" else _first_tensor(output)
+            captured[name] = _hidden_input(args, kwargs) if what == "input" else first_tensor(output)
             if mod is stop_at and all(k in captured for k in modules):
                 raise StopForward
 

@@ -126,7 +126,7 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
                  **selector_options)
 
 
-def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker) -> dict[str, Any]:
+def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
     """Do one job and return its record (status "ok"). Raises on failure; see :func:`execute`."""
     from gradmap.evaluate import evaluate  # lm-eval lives at the edge
 
@@ -308,7 +308,7 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     try:
         validate_config(cfg)
         tracker = make_tracker(cfg["tracker"], cfg, job.job_id, job.name, str(cfg["sweep"]), job.dir)
-        out = run_job(cfg, job, tracker)
+        out = run_job(cfg, job)
         exit_code = 0
     except Exception as err:  # one job's failure must not take down the sweep
         message = one_line_error(err)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from gradmap.base import REPAIRS, Repair, calibration_nll, model_device
 from gradmap.calib import microbatches
-from gradmap.capture import StopForward, _first_tensor, forward_quietly
+from gradmap.capture import StopForward, first_tensor, forward_quietly
 from gradmap.layers import active_layers, decoder_layers
 
 
@@ -117,7 +117,7 @@ def _lockstep(layers: nn.ModuleList, removed: Sequence[int], stop_after: int, vi
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             h_in = args[0] if args else kwargs["hidden_states"]
-            h_dense = _first_tensor(output)
+            h_dense = first_tensor(output)
             if i == first_cut:
                 stream["pruned"] = h_in
             if i < first_cut:
@@ -126,7 +126,7 @@ def _lockstep(layers: nn.ModuleList, removed: Sequence[int], stop_after: int, vi
                 kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 state["pruned_call"] = True
                 try:
-                    stream["pruned"] = _first_tensor(module.forward(stream["pruned"], *args[1:], **kw))
+                    stream["pruned"] = first_tensor(module.forward(stream["pruned"], *args[1:], **kw))
                 finally:
                     state["pruned_call"] = False
             visit(i, h_in, h_dense, None if i in removed_set else stream["pruned"])
