@@ -203,3 +203,13 @@ def test_sweep_without_gradmap_or_dense_still_reports(tmp_path):
     assert main_df["gradmap_speedup"].isna().all() and main_df["d_avg"].isna().all()
     assert "No verdict" in files.verdict.read_text()
 
+
+
+def test_verdict_flags_seconds_scale_pruning_times(tmp_path):
+    root = tmp_path / "fast"
+    for rec in (record("none", 0, 0.8, 0.7, 10.0, 0.0, 0.0, removed=[]),
+                record("gradmap", 2, 0.7, 0.6, 15.0, 1.5, 0.5, removed=[5, 6]),
+                record("shortgpt", 2, 0.6, 0.6, 20.0, 0.5, 0.0)):
+        write(root, rec)
+    text = (build(root, tmp_path / "report").out / "verdict.md").read_text()
+    assert "GradMAP prunes in 2 s here, where fixed per-call overheads weigh as much as the passes" in text
