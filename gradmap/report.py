@@ -491,7 +491,9 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
                      + (f" ({', '.join(f'{v} by {-deltas[v]:.2f} pts' for v in behind)})" if behind else "")
                      + (f"; within noise of {', '.join(noisy)}" if noisy else "") + ".")
         if behind:
-            lines.append("**It does not lose less accuracy than every method here.**")
+            lines.append("**It does not lose less accuracy than every method here**"
+                         + (" — though every gap is within noise at this evaluation size." if len(noisy) == len(comp)
+                            else "."))
         elif len(ahead) == len(comp) and len(comp):
             lines.append("GradMAP loses less accuracy than every method here"
                          + (" — but every gap is within noise." if len(noisy) == len(comp) else

@@ -159,7 +159,7 @@ def test_verdict_says_when_the_claim_fails(report):
     assert "GradMAP is slower than: shortgpt (0.10×), taylor_plus (0.30×)" in text
     # accuracy at 25%: GradMAP 65 is behind taylor_plus (70) and streamline (66), ahead of shortgpt (60)
     assert "behind 2 (taylor_plus by 5.00 pts, streamline by 1.00 pts)" in text
-    assert "does not lose less accuracy than every method" in text
+    assert "does not lose less accuracy than every method here**." in text  # taylor_plus's 5-point lead is real
     assert "timings are from a CPU" in text
     # decode tok/s = prefill / 10: GradMAP 15 vs dense 10; the other 5 methods at 2 of 8 layers 10 -> 1.00x
     assert ("decodes 1.50× as fast as dense; over the 6 methods with this layer count 1.00–1.50× (the same "
@@ -205,11 +205,14 @@ def test_sweep_without_gradmap_or_dense_still_reports(tmp_path):
 
 
 
-def test_verdict_flags_seconds_scale_pruning_times(tmp_path):
+def test_verdict_qualifies_short_times_and_gaps_within_noise(tmp_path):
     root = tmp_path / "fast"
     for rec in (record("none", 0, 0.8, 0.7, 10.0, 0.0, 0.0, removed=[]),
                 record("gradmap", 2, 0.7, 0.6, 15.0, 1.5, 0.5, removed=[5, 6]),
-                record("shortgpt", 2, 0.6, 0.6, 20.0, 0.5, 0.0)):
+                record("taylor_plus", 2, 0.71, 0.6, 20.0, 0.5, 0.0)):
         write(root, rec)
     text = (build(root, tmp_path / "report").out / "verdict.md").read_text()
     assert "GradMAP prunes in 2 s here, where fixed per-call overheads weigh as much as the passes" in text
+    # 65.0 vs 65.5: behind by 0.5 pts, less than the 2-SE noise of 2.0 pts, so the verdict qualifies itself
+    assert ("does not lose less accuracy than every method here** — though every gap is within noise at this "
+            "evaluation size.") in text
