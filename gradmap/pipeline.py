@@ -49,11 +49,12 @@ class Job:
         if str(cfg["device"]).startswith("cuda"):
             device = torch.device("cuda")  # identity needs only the type; availability is checked later
         method = cfg["method"]["name"]
+        prune_cfg = effective_prune(cfg["prune"])
         identity = {
             "model": cfg["model"],
             "method": cfg["method"],
             "repair": cfg["repair"],
-            "prune": effective_prune(cfg["prune"]),
+            "prune": prune_cfg,
             "calib": cfg["calib"],
             "eval": cfg["eval"],
             "seed": cfg["seed"],
@@ -64,9 +65,8 @@ class Job:
                 identity.pop(key)
             identity["method"] = "none"
         job_id = stable_hash(identity)
-        n = cfg["prune"].get("n_remove")
-        amount = "dense" if method == "none" else (f"n{n}" if n is not None else
-                                                   f"r{cfg['prune'].get('ratio') or cfg['prune']['default_ratio']}")
+        n = prune_cfg.get("n_remove")
+        amount = "dense" if method == "none" else (f"n{n}" if n is not None else f"r{prune_cfg['ratio']}")
         repair = cfg["repair"].get("name")
         parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
         name = "-".join(str(p) for p in parts)
@@ -112,9 +112,8 @@ def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
 def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) -> PruneResult:
     """Map the Hydra config onto ``prune()``: the same API a notebook user calls."""
     p = cfg["prune"]
-    ratio, n_remove = p.get("ratio"), p.get("n_remove")
-    if cfg["method"]["name"] != "none" and ratio is None and n_remove is None:
-        ratio = p["default_ratio"]
+    acting = effective_prune(p) if cfg["method"]["name"] != "none" else p
+    ratio, n_remove = acting.get("ratio"), acting.get("n_remove")
     selector_options = dict(cfg["method"].get("options") or {})
     for key in ("protect_first", "protect_last", "micro_batch_size"):
         if p.get(key) is not None and cfg["method"]["name"] != "none":
@@ -264,7 +263,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         if p.get("ratio") is not None and p.get("n_remove") is not None:
             raise ValueError(f"give prune.ratio or prune.n_remove, not both (got ratio={p['ratio']}, "
                              f"n_remove={p['n_remove']})")
-        ratio = p.get("ratio") if p.get("ratio") is not None else p.get("default_ratio")
+        ratio = effective_prune(p).get("ratio")
         if p.get("n_remove") is None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
             raise ValueError(f"prune.ratio={ratio!r} is out of range; allowed: 0 < ratio < 1")
     for key in ("n_samples", "seq_len"):

@@ -487,16 +487,16 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
         noise = 2 * np.hypot(g["avg_se"], comp["avg_se"])
         ahead, behind = comp.index[deltas > 0].tolist(), comp.index[deltas < 0].tolist()
         noisy = comp.index[np.isfinite(noise) & (deltas.abs() < noise)].tolist()
+        all_noisy = len(noisy) == len(comp)
         lines.append(f"Accuracy: GradMAP is ahead of {len(ahead)} of {len(comp)} methods and behind {len(behind)}"
                      + (f" ({', '.join(f'{v} by {-deltas[v]:.2f} pts' for v in behind)})" if behind else "")
                      + (f"; within noise of {', '.join(noisy)}" if noisy else "") + ".")
         if behind:
             lines.append("**It does not lose less accuracy than every method here**"
-                         + (" — though every gap is within noise at this evaluation size." if len(noisy) == len(comp)
-                            else "."))
+                         + (" — though every gap is within noise at this evaluation size." if all_noisy else "."))
         elif len(ahead) == len(comp) and len(comp):
             lines.append("GradMAP loses less accuracy than every method here"
-                         + (" — but every gap is within noise." if len(noisy) == len(comp) else
+                         + (" — but every gap is within noise." if all_noisy else
                             f" ({len(noisy)} of the gaps within noise)." if noisy else "."))
     if pd.notna(g["ppl"]):
         comp = others[others["ppl"].notna()]
