@@ -9,7 +9,7 @@ SWEEP ?= default
 EXP ?= smoke
 ARGS ?=
 
-.PHONY: install run test test-all lint report sweep status bench bench-cpu chaos clean
+.PHONY: install run test test-fast lint report sweep status bench bench-cpu chaos clean
 
 install: $(STAMP)
 
@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml requirements.lock
 run: install  ## the default job: SmolLM2-135M, GradMAP, 25% of layers, eval=quick
 	$(PY) run.py $(ARGS)
 
-test: install  ## fast tests plus the slow end-to-end ones (tiny models only, no downloads)
+test: install  ## every test: fast ones plus the slow end-to-end ones (tiny models only, no downloads)
 	$(PY) -m pytest -q tests
+
+test-fast: install  ## the fast tests only (skips tests marked slow: subprocess sweeps and end-to-end jobs)
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradmap.base import (
+from gradmap.core.calib import microbatches
+from gradmap.core.capture import layer_inputs_and_final
+from gradmap.core.components import (
     NonFiniteError,
     Selection,
     Selector,
@@ -35,9 +37,7 @@ from gradmap.base import (
     pick_lowest,
     warn_if_edge,
 )
-from gradmap.calib import microbatches
-from gradmap.capture import layer_inputs_and_final
-from gradmap.layers import active_layers, decoder_layers
+from gradmap.core.layers import active_layers, decoder_layers
 
 PairStatistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

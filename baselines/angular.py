@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from baselines._common import WindowSelector, angular_distance
-from gradmap.base import SELECTORS, register_method
+from gradmap.core.components import SELECTORS, register_method
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from baselines._common import info_counts
-from gradmap.base import SELECTORS, Selection, Selector, pick_lowest, register_method, warn_if_edge
-from gradmap.layers import decoder_layers
+from gradmap.core.components import SELECTORS, Selection, Selector, pick_lowest, register_method, warn_if_edge
+from gradmap.core.layers import decoder_layers
 
 
 @dataclass

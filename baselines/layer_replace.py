@@ -32,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines._common import contiguous_cut
-from gradmap.base import REPAIRS, NonFiniteError, Repair, calibration_nll, model_device
-from gradmap.calib import microbatches
-from gradmap.capture import capture, first_tensor, forward_quietly
-from gradmap.layers import decoder_layers
+from gradmap.core.calib import microbatches
+from gradmap.core.capture import capture, first_tensor, forward_quietly
+from gradmap.core.components import REPAIRS, NonFiniteError, Repair, calibration_nll, model_device
+from gradmap.core.layers import decoder_layers
 
 
 def replacement_window(removed: Sequence[int], n_layers: int) -> tuple[int, int, int]:

@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 from baselines._common import info_counts, stream_statistic, token_cosine
-from gradmap.base import SELECTORS, Selection, Selector, check_finite, pick_lowest, register_method, warn_if_edge
-from gradmap.layers import decoder_layers
+from gradmap.core.components import (
+    SELECTORS,
+    Selection,
+    Selector,
+    check_finite,
+    pick_lowest,
+    register_method,
+    warn_if_edge,
+)
+from gradmap.core.layers import decoder_layers
 
 
 def _one_minus_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

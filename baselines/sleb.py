@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines._common import info_counts, leave_one_out_nll
-from gradmap.base import SELECTORS, Selection, Selector, pick_lowest, register_method, warn_if_edge
-from gradmap.layers import decoder_layers
+from gradmap.core.components import SELECTORS, Selection, Selector, pick_lowest, register_method, warn_if_edge
+from gradmap.core.layers import decoder_layers
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from baselines._common import WindowSelector, token_cosine
-from gradmap.base import SELECTORS, register_method
+from gradmap.core.components import SELECTORS, register_method
 
 
 @dataclass

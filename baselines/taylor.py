@@ -20,30 +20,23 @@ import torch
 from torch import nn
 
 from baselines._common import accumulate_loss_gradients, info_counts
-from gradmap.base import SELECTORS, Selection, Selector, check_finite, pick_lowest, register_method, warn_if_edge
-from gradmap.calib import microbatches
-from gradmap.layers import decoder_layers
-from gradmap.stage1 import _WeightGradScorer, gradients_only_for, training_mode
+from gradmap.core.calib import microbatches
+from gradmap.core.components import (
+    SELECTORS,
+    Selection,
+    Selector,
+    check_finite,
+    pick_lowest,
+    register_method,
+    warn_if_edge,
+)
+from gradmap.core.grads import WeightGradScorer, gradients_only_for, training_mode
+from gradmap.core.layers import decoder_layers
 
 
-class _TaylorScorer(_WeightGradScorer):
-    """Σ|W ⊙ g| per layer: stage 1's hook machinery (buffers, last-micro-batch reduction), another reduction."""
-
-    def __init__(self, layers: dict[int, nn.Module], accum_dtype: torch.dtype) -> None:
-        super().__init__(layers, include_norms=True, norm="l1", reduce="sum", aggregate="batch",
-                         accum_dtype=accum_dtype)
-        self._param: nn.Parameter | None = None
-
-    def _hook(self, p: nn.Parameter) -> None:
-        self._param = p  # _reduce runs synchronously inside this call and needs the weight
-        try:
-            super()._hook(p)
-        finally:
-            self._param = None
-
-    def _reduce(self, g: torch.Tensor) -> torch.Tensor:
-        assert self._param is not None
-        return torch.linalg.vector_norm(g.float() * self._param.detach().float(), 1)
+def taylor_reduction(param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """Σ|W ⊙ g| of one weight: stage 1's hook machinery (buffers, last-micro-batch reduction), another reduction."""
+    return torch.linalg.vector_norm(grad.float() * param.detach().float(), 1)
 
 
 @dataclass
@@ -61,8 +54,10 @@ class TaylorSelector(Selector):
         layers = decoder_layers(model)
         n_layers = len(layers)
         batches = microbatches(calib_ids, self.micro_batch_size)
-        scorer = _TaylorScorer(dict(enumerate(layers)),
-                               torch.bfloat16 if self.score_accum == "bf16" else torch.float32)
+        scorer = WeightGradScorer(dict(enumerate(layers)), include_norms=True, norm="l1", reduce="sum",
+                                  aggregate="batch",
+                                  accum_dtype=torch.bfloat16 if self.score_accum == "bf16" else torch.float32,
+                                  reduction=taylor_reduction)
 
         def mark_last(i: int) -> None:
             scorer.last_microbatch = i == len(batches) - 1

@@ -7,8 +7,8 @@ The core (this package's pruning code) imports only torch and transformers::
     result.model, result.removed_layers, result.scores, result.timings
 """
 
-from gradmap.api import PruneResult, prune, resolve_n_remove
-from gradmap.base import METHODS, REPAIRS, SELECTORS
+from gradmap.core.components import METHODS, REPAIRS, SELECTORS
+from gradmap.core.prune import PruneResult, prune, resolve_n_remove
 
 __all__ = ["METHODS", "REPAIRS", "SELECTORS", "PruneResult", "prune", "resolve_n_remove"]
 __version__ = "0.1.0"

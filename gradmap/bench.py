@@ -44,12 +44,12 @@ import torch
 import transformers
 from torch import nn
 
-from gradmap.api import PruneResult, prune, resolve_n_remove
-from gradmap.base import METHODS, REPAIRS
-from gradmap.calib import microbatches
-from gradmap.layers import decoder_layers, remove_layers
-from gradmap.stage1 import gradients_only_for, scored_parameters, training_mode
-from gradmap.timing import device_name, peak_memory_kind, timed
+from gradmap.core.calib import microbatches
+from gradmap.core.components import METHODS, REPAIRS
+from gradmap.core.grads import gradients_only_for, scored_parameters, training_mode
+from gradmap.core.layers import decoder_layers, remove_layers
+from gradmap.core.prune import PruneResult, prune, resolve_n_remove
+from gradmap.core.timing import device_name, peak_memory_kind, timed
 
 GIB = 2**30
 SCHEMA = 1

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from gradmap.registry import unknown_name_message
+from gradmap.core.registry import unknown_name_message
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHECKED_GROUPS = ("model", "method", "repair", "calib", "eval", "tracker", "experiment", "hydra/launcher")

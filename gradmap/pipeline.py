@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 
-from gradmap.api import PruneResult, prune
-from gradmap.base import METHODS, REPAIRS, NonFiniteError, model_device
-from gradmap.calib import build_calibration, read_text_file
+from gradmap.core.calib import build_calibration
+from gradmap.core.components import METHODS, REPAIRS, NonFiniteError, model_device
+from gradmap.core.layers import decoder_layers
+from gradmap.core.prune import PruneResult, prune
+from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
-from gradmap.layers import decoder_layers
 from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
+from gradmap.paths import read_text_file
 from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
-from gradmap.speed import measure_from_config
 from gradmap.sweep import reuse_dense
 from gradmap.tracking import Tracker, make_tracker
 
@@ -127,7 +128,7 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
 
 def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
     """Do one job and return its record (status "ok"). Raises on failure; see :func:`execute`."""
-    from gradmap.evaluate import evaluate  # lm-eval lives at the edge
+    from gradmap.eval.harness import evaluate  # lm-eval lives at the edge
 
     torch.manual_seed(int(cfg["seed"]))
     device = resolve_device(cfg["device"])

@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
+from gradmap.eval.tasks import PRIMARY_METRIC, TASK_NAMES
 from gradmap.results import read_result
 from gradmap.sweep import scan
-from gradmap.tasks import PRIMARY_METRIC, TASK_NAMES
 
 log = logging.getLogger("gradmap.report")
 

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gradmap.calib import REPO_ROOT
+from gradmap.paths import REPO_ROOT
 
 RESULT_FILE = "result.json"
 

@@ -123,8 +123,8 @@ def reuse_dense(cfg: Mapping[str, Any], job_id: str, job_name: str, job_dir: Pat
     the new record, or None when there is none to reuse (or reuse is off: ``reuse_dense=false``/``force``)."""
     if cfg["method"]["name"] != "none" or not cfg.get("reuse_dense", True) or cfg.get("force", False):
         return None
+    from gradmap.core.timing import device_name
     from gradmap.models import resolve_device
-    from gradmap.timing import device_name
 
     try:
         device_label = device_name(resolve_device(cfg["device"]))

@@ -306,7 +306,7 @@ committed.
 
 The task files are gzipped jsonl (written with mtime 0, so rerunning the script is byte-identical). They use
 the field layout of the HF datasets that lm-eval 0.4.13's built-in task YAMLs read, so the local tasks in
-`gradmap/tasks/*.yaml` render the same prompts and choices as `lm_eval --tasks <name>`, item for item
+`gradmap/eval/tasks/*.yaml` render the same prompts and choices as `lm_eval --tasks <name>`, item for item
 (tested in `tests/test_evaluate.py`), except for the HellaSwag caveat below.
 
 ## Files
@@ -351,7 +351,7 @@ the field layout of the HF datasets that lm-eval 0.4.13's built-in task YAMLs re
     ActivityNet capital alone moves accuracy by about a point.
 - **wikitext2/wiki.test.raw.reconstructed**: WikiText-2 raw test, *reconstructed* (not byte-verified against
   the original) from the HF-joined raw rows and the tokenized file's line structure; 4358 lines = the HF row
-  count. `gradmap.perplexity` turns it into HF rows (`line + "\\n"`, or "" for blank lines) joined with
+  count. `gradmap.eval.perplexity` turns it into HF rows (`line + "\\n"`, or "" for blank lines) joined with
   "\\n\\n".
 - **wikitext2/wiki.valid.tokens**: calibration STOPGAP (WikiText-2 v1 *tokenized* validation, `<unk>` and
   tokenized spacing) because the train split was not available; it does not overlap the test split.

@@ -18,9 +18,9 @@ from torch import nn
 
 from baselines.layer_replace import LayerReplaceRepair
 from gradmap import METHODS, REPAIRS, SELECTORS, prune
-from gradmap.base import NonFiniteError
+from gradmap.core.components import NonFiniteError
+from gradmap.core.registry import UnknownNameError
 from gradmap.models import tiny_llama
-from gradmap.registry import UnknownNameError
 
 L = 8
 K = 3  # the planted identity layer

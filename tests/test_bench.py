@@ -21,9 +21,10 @@ from gradmap.bench import (
     stage1_floor_passes,
     summarize,
 )
-from gradmap.layers import active_layers, decoder_layers
-from gradmap.stage1 import LINEAR_NAMES, GradMAPSelector
-from gradmap.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
+from gradmap.core.grads import LINEAR_NAMES
+from gradmap.core.layers import active_layers, decoder_layers
+from gradmap.core.stage1 import GradMAPSelector
+from gradmap.core.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
 from tests.conftest import VOCAB, make_calib, make_tiny
 
 # ---- floor formulas --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmap.base import METHODS, REPAIRS, SELECTORS
+from gradmap.core.components import METHODS, REPAIRS, SELECTORS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "method", "repair", "calib", "eval", "tracker", "experiment", "hydra/launcher"]

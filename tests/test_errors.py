@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-from gradmap.base import METHODS, REPAIRS
-from gradmap.calib import CalibrationError, read_text_file, sample_windows
+from gradmap.core.calib import CalibrationError, sample_windows
+from gradmap.core.components import METHODS, REPAIRS
 from gradmap.models import load_model, resolve_device
+from gradmap.paths import read_text_file
 from gradmap.pipeline import one_line_error
 from gradmap.tracking import Tracker, WandbTracker, make_tracker
 

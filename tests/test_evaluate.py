@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from gradmap.evaluate import evaluate, resolve_limits, subset_indices
-from gradmap.perplexity import load_ppl_text, perplexity, tokenize_corpus, wikitext2_rows
-from gradmap.tasks import DATA_DIR, PRIMARY_METRIC, TASK_NAMES, load_task_config, local_task_configs
+from gradmap.eval.harness import evaluate, resolve_limits, subset_indices
+from gradmap.eval.perplexity import load_ppl_text, perplexity, tokenize_corpus, wikitext2_rows
+from gradmap.eval.tasks import DATA_DIR, PRIMARY_METRIC, TASK_NAMES, load_task_config, local_task_configs
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

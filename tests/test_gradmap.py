@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from gradmap import prune, resolve_n_remove
-from gradmap.base import NonFiniteError
-from gradmap.layers import decoder_layers
-from gradmap.stage1 import LINEAR_NAMES, GradMAPSelector
-from gradmap.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
+from gradmap.core.components import NonFiniteError
+from gradmap.core.grads import LINEAR_NAMES
+from gradmap.core.layers import decoder_layers
+from gradmap.core.stage1 import GradMAPSelector
+from gradmap.core.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
 from tests.conftest import make_calib, make_tiny, plant_identity
 
 

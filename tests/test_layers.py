@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from gradmap.layers import UnsupportedModelError, active_layers, decoder_layers, parameter_count, remove_layers
+from gradmap.core.layers import UnsupportedModelError, active_layers, decoder_layers, parameter_count, remove_layers
 from tests.conftest import make_calib, make_tiny
 
 

@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gradmap import faults
-from gradmap.layers import remove_layers
+from gradmap.core.layers import remove_layers
+from gradmap.eval.speed import measure_from_config, measure_speed, same_setup
 from gradmap.models import tiny_llama
 from gradmap.results import read_result
-from gradmap.speed import measure_from_config, measure_speed, same_setup
 from gradmap.sweep import Outcome, classify, scan, summarize
 
 REPO = Path(__file__).resolve().parents[1]

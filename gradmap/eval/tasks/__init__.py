@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from gradmap.paths import DATA_DIR
+
 TASK_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TASK_DIR.parents[1]
-DATA_DIR = REPO_ROOT / "data"
 
 # The 7-task zero-shot suite of METHODS.md §6, in table order.
 TASK_NAMES: tuple[str, ...] = (

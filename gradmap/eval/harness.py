@@ -7,7 +7,7 @@ Design choices and why:
 
 * lm-eval (pinned 0.4.13) scores the tasks on the model object itself (``HFLM(pretrained=model)``), 0-shot, so
   no checkpoint is written and the pruned architecture is evaluated as it is in memory.
-* ``source: local`` (default) runs the offline task copies of :mod:`gradmap.tasks` on the files in ``data/``;
+* ``source: local`` (default) runs the offline task copies of :mod:`gradmap.eval.tasks` on the files in ``data/``;
   ``source: online`` runs lm-eval's built-in tasks of the same names (needs the HF hub). Both render the same
   prompts (HellaSwag: see data/SOURCES.md).
 * ``limit: k`` scores a *seeded* subset of k items per task (``limit`` may also map task → k). The indices
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from gradmap.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
-from gradmap.tasks import PRIMARY_METRIC, check_task_names, local_task_configs
+from gradmap.eval.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
+from gradmap.eval.tasks import PRIMARY_METRIC, check_task_names, local_task_configs
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _run_lm_eval(
     """Score ``tasks`` with lm-eval; returns {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n}}.
 
     With ``source: online`` the built-in boolq and winogrande YAMLs compute acc only, so their acc_norm keys
-    are absent (the local copies add acc_norm, see gradmap/tasks/*.yaml).
+    are absent (the local copies add acc_norm, see gradmap/eval/tasks/*.yaml).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

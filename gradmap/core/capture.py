@@ -78,7 +78,7 @@ def layer_inputs_and_final(model: nn.Module, input_ids: torch.Tensor) -> list[to
 
     ``result[l]`` is the input of layer ``l`` and ``result[L]`` the pre-final-norm output; no logits are computed.
     """
-    from gradmap.layers import decoder_layers
+    from gradmap.core.layers import decoder_layers
 
     layers = decoder_layers(model)
     named = {str(i): layer for i, layer in enumerate(layers)}

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from gradmap.registry import Registry
+from gradmap.core.registry import Registry
 
 
 class NonFiniteError(FloatingPointError):
@@ -25,8 +25,8 @@ class NonFiniteError(FloatingPointError):
 
 def _load_plugins() -> None:
     """Import every module that registers components (GradMAP's own, then the baselines package)."""
-    import gradmap.stage1
-    import gradmap.stage2  # noqa: F401
+    import gradmap.core.stage1
+    import gradmap.core.stage2  # noqa: F401
 
     try:
         import baselines  # noqa: F401

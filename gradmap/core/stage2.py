@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradmap.base import REPAIRS, Repair, calibration_nll, model_device
-from gradmap.calib import microbatches
-from gradmap.capture import StopForward, first_tensor, forward_quietly
-from gradmap.layers import active_layers, decoder_layers
+from gradmap.core.calib import microbatches
+from gradmap.core.capture import StopForward, first_tensor, forward_quietly
+from gradmap.core.components import REPAIRS, Repair, calibration_nll, model_device
+from gradmap.core.layers import active_layers, decoder_layers
 
 
 def next_survivor_map(n_layers: int, removed: Sequence[int]) -> dict[int, int]:
@@ -312,7 +312,7 @@ class ProjectionRepair(Repair):
         cache_from = max(min(removed) - 1, 0)
         # Each pass ends by reading its result on the host (a device sync), so these clocks need no extra sync.
         clock = [time.perf_counter()]
-        with tqdm(total=2, desc="projection repair", unit="pass", leave=False) as bar:
+        with tqdm(total=2, desc=f"{self.name} repair", unit="pass", leave=False) as bar:
             shifts, cache = self.shift_pass(model, batches, removed, cache_from) if self.site == "max_shift" \
                 else ({}, [])
             clock.append(time.perf_counter())

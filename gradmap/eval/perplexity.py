@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT2_TEST = REPO_ROOT / "data" / "wikitext2" / "wiki.test.raw.reconstructed"
+from gradmap.paths import DATA_DIR
+
+WIKITEXT2_TEST = DATA_DIR / "wikitext2" / "wiki.test.raw.reconstructed"
 PPL_DATASETS = ("wikitext2",)
 
 
@@ -110,7 +111,7 @@ def perplexity(
     """Perplexity of ``model`` on a 1-D token stream ``input_ids``, windowed as described in the module doc.
 
     ``bos_token_id`` (off by default) prepends BOS to every window, which then holds BOS + ``window - 1`` text
-    tokens (the gradmap.calib convention); LLM-Pruner-style tables use this ("13.29 with BOS per window").
+    tokens (the gradmap.core.calib convention); LLM-Pruner-style tables use this ("13.29 with BOS per window").
     The NLL is accumulated in float64 from float32 log-softmax, whatever the model dtype, so bf16 models are
     comparable. The model is put in eval mode for the call and its previous mode restored.
     """

@@ -12,31 +12,9 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "data"
-
 
 class CalibrationError(ValueError):
     """Calibration text missing or too short for the requested windows."""
-
-
-def read_text_file(path: str | Path) -> str:
-    """Read a calibration text file, resolving relative paths against the repository."""
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        restore = (
-            f"; restore it with `git checkout -- {path.relative_to(REPO_ROOT)}` or regenerate data/ with "
-            "`python scripts/convert_data.py --shared ../shared`"
-            if path.is_relative_to(REPO_ROOT)
-            else ""
-        )
-        raise FileNotFoundError(f"calibration file {str(path)!r} is missing{restore}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise CalibrationError(f"calibration file {str(path)!r} is empty")
-    return text
 
 
 def sample_windows(

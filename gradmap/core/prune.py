@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmap.base import METHODS, REPAIRS, SELECTORS, model_device
-from gradmap.layers import decoder_layers, parameter_count, remove_layers
-from gradmap.timing import device_name, peak_memory_kind, timed
+from gradmap.core.components import METHODS, REPAIRS, SELECTORS, model_device
+from gradmap.core.layers import decoder_layers, parameter_count, remove_layers
+from gradmap.core.timing import device_name, peak_memory_kind, timed
 
 
 @dataclass
