@@ -27,8 +27,14 @@ def main(cfg: DictConfig) -> float | None:
         metrics = record.get("metrics", {})
         if record.get("skipped"):  # execute() already logged the one-line skip
             return metrics.get("avg")
-        log.info("%s: ok (prune %.1f s, avg %s, ppl %s) -> %s", record["job_name"], record["timing"]["prune_s"],
-                 metrics.get("avg"), metrics.get("wikitext2_ppl"), record.get("job_name"))
+        log.info(
+            "%s: ok (prune %.1f s, avg %s, ppl %s) -> %s",
+            record["job_name"],
+            record["timing"]["prune_s"],
+            metrics.get("avg"),
+            metrics.get("wikitext2_ppl"),
+            record.get("job_name"),
+        )
         return metrics.get("avg")
     log.error("%s: %s", record["job_name"], record.get("error"))
     if not HydraMultirun.active():

@@ -1,6 +1,7 @@
 """Baseline layer-pruning methods; each module registers its selector/repair and method presets on import.
 
-The registries in ``gradmap.core.components`` import this package on first lookup, so every module must be imported here.
+The registries in ``gradmap.core.components`` import this package on first lookup, so every module must be
+imported here.
 """
 
 from baselines import angular, last_n, layer_replace, ppl, random_layers, shortgpt, sleb, streamline, taylor

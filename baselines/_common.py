@@ -52,9 +52,14 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(token_cosine(a, b).clamp(-1.0, 1.0)) / math.pi
 
 
-def stream_statistic(model: nn.Module, calib_ids: torch.Tensor, micro_batch_size: int,
-                     pairs: dict[int, tuple[int, int]], statistic: PairStatistic, desc: str
-                     ) -> tuple[dict[int, float], int]:
+def stream_statistic(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    micro_batch_size: int,
+    pairs: dict[int, tuple[int, int]],
+    statistic: PairStatistic,
+    desc: str,
+) -> tuple[dict[int, float], int]:
     """Mean of ``statistic(h_a, h_b)`` over all values it returns, for each ``key: (a, b)``, over D.
 
     h_0..h_L is the pre-final-norm residual stream (``h_l`` = input of layer l, ``h_L`` = output of the last
@@ -108,8 +113,9 @@ class WindowSelector(Selector):
                 f"selector {self.name!r}: no contiguous block of {n_remove} layers avoids the protected layers "
                 f"{sorted(protected)} in a {n_layers}-layer model"
             )
-        scores, calls = stream_statistic(model, calib_ids, self.micro_batch_size,
-                                         {s: (s, s + width) for s in starts}, self.statistic, self.name)
+        scores, calls = stream_statistic(
+            model, calib_ids, self.micro_batch_size, {s: (s, s + width) for s in starts}, self.statistic, self.name
+        )
         check_finite(scores, f"{self.name} {self.score_name} of the window starting at", model.dtype)
         best = pick_lowest({s: scores[s] for s in valid}, 1, self.order)[0]
         removed = self.cut(best, n_remove)
@@ -117,13 +123,26 @@ class WindowSelector(Selector):
         return Selection(
             removed=removed,
             scores=[scores],
-            info=info_counts(calls, calib_passes=1, block_start=best, span=width, score=self.score_name,
-                             scores_keyed_by="window start", select=self.order),
+            info=info_counts(
+                calls,
+                calib_passes=1,
+                block_start=best,
+                span=width,
+                score=self.score_name,
+                scores_keyed_by="window start",
+                select=self.order,
+            ),
         )
 
 
-def leave_one_out_nll(model: nn.Module, calib_ids: torch.Tensor, micro_batch_size: int, alive: Sequence[int],
-                      candidates: Sequence[int], desc: str) -> tuple[dict[int, float], int]:
+def leave_one_out_nll(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    micro_batch_size: int,
+    alive: Sequence[int],
+    candidates: Sequence[int],
+    desc: str,
+) -> tuple[dict[int, float], int]:
     """Calibration NLL of the model with layers ``alive`` minus one candidate, for each candidate.
 
     Uses :func:`active_layers`, so no weights are copied. Returns the NLLs and the number of forward calls
@@ -138,9 +157,12 @@ def leave_one_out_nll(model: nn.Module, calib_ids: torch.Tensor, micro_batch_siz
     return nll, calls_per_pass * len(candidates)
 
 
-def accumulate_loss_gradients(model: nn.Module, batches: Sequence[torch.Tensor],
-                              before_backward: Callable[[int], None] | None = None, desc: str = "backward"
-                              ) -> float:
+def accumulate_loss_gradients(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    before_backward: Callable[[int], None] | None = None,
+    desc: str = "backward",
+) -> float:
     """Forward+backward every micro-batch; the accumulated gradient is that of the mean loss over D.
 
     Each micro-batch loss is weighted by its share of the windows (all windows have the same length, so this is

@@ -42,8 +42,16 @@ class AngularSelector(WindowSelector):
 
 
 SELECTORS.add("angular", AngularSelector)
-register_method("angular", "angular", "none",
-                "Angular distance (Gromov et al.): remove the contiguous block of smallest last-token angular "
-                "distance, one forward pass.")
-register_method("replaceme", "angular", "linear",
-                "ReplaceMe (lstsq): angular block selection + least-squares linear transform merged before the cut.")
+register_method(
+    "angular",
+    "angular",
+    "none",
+    "Angular distance (Gromov et al.): remove the contiguous block of smallest last-token angular "
+    "distance, one forward pass.",
+)
+register_method(
+    "replaceme",
+    "angular",
+    "linear",
+    "ReplaceMe (lstsq): angular block selection + least-squares linear transform merged before the cut.",
+)

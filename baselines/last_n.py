@@ -32,10 +32,18 @@ class LastNSelector(Selector):
         scores = {layer: float(deepest - layer) for layer in candidates}
         removed = pick_lowest(scores, n_remove)
         warn_if_edge(removed, n_layers, self.name)
-        return Selection(removed=removed, scores=[scores],
-                         info=info_counts(0, score="depth from the deepest candidate", select="min"))
+        return Selection(
+            removed=removed,
+            scores=[scores],
+            info=info_counts(0, score="depth from the deepest candidate", select="min"),
+        )
 
 
 SELECTORS.add("last_n", LastNSelector)
-register_method("last_n", "last_n", "none", "Control: the deepest n layers except the final one.",
-                selector_options={"protect_last": 1})
+register_method(
+    "last_n",
+    "last_n",
+    "none",
+    "Control: the deepest n layers except the final one.",
+    selector_options={"protect_last": 1},
+)

@@ -124,21 +124,28 @@ class LayerReplaceRepair(Repair):
         rows = calib_ids.shape[0]
         used = rows if self.train_samples is None else self.train_samples
         if used > rows:
-            raise ValueError(f"repair 'layer_replace': train_samples={used} but the calibration set has {rows} "
-                             "windows; lower it or raise calib.n_samples")
+            raise ValueError(
+                f"repair 'layer_replace': train_samples={used} but the calibration set has {rows} "
+                "windows; lower it or raise calib.n_samples"
+            )
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(self.seed))[:used]
         n_val = max(1, round(self.val_fraction * used)) if self.val_fraction > 0 else 0
         if n_val >= used:
-            raise ValueError(f"repair 'layer_replace': {used} window(s) leave none for training after "
-                             f"val_fraction={self.val_fraction}; use more windows or val_fraction=0")
+            raise ValueError(
+                f"repair 'layer_replace': {used} window(s) leave none for training after "
+                f"val_fraction={self.val_fraction}; use more windows or val_fraction=0"
+            )
         return calib_ids[order[n_val:]], calib_ids[order[:n_val]]
 
     @staticmethod
     def teacher(model: nn.Module, lo: int, hi: int, ids: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """(h_lo, layer kwargs, h_{hi+1}) from the dense model, stopped after layer hi."""
         layers = decoder_layers(model)
-        with torch.no_grad(), _capture_call(layers[lo]) as call, \
-                capture({"target": layers[hi]}, "output", stop_at=layers[hi]) as out:
+        with (
+            torch.no_grad(),
+            _capture_call(layers[lo]) as call,
+            capture({"target": layers[hi]}, "output", stop_at=layers[hi]) as out,
+        ):
             forward_quietly(model.model, ids.to(model_device(model)))
         return call["hidden"], call["kwargs"], out["target"]
 
@@ -161,7 +168,8 @@ class LayerReplaceRepair(Repair):
         warmup = math.ceil(self.warmup_ratio * total_steps)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, self.lr, self.min_lr))
+            optimizer, lambda s: cosine_lr_factor(s, total_steps, warmup, self.lr, self.min_lr)
+        )
         generator = torch.Generator().manual_seed(self.seed + 1)
         counters = {"forward_passes": 0, "backward_passes": 0}
 
@@ -190,7 +198,7 @@ class LayerReplaceRepair(Repair):
                 order = torch.randperm(train_ids.shape[0], generator=generator)
                 batches = list(torch.split(train_ids[order], self.batch_size))
                 for start in range(0, len(batches), self.grad_accum):
-                    group = batches[start:start + self.grad_accum]
+                    group = batches[start : start + self.grad_accum]
                     rows = sum(b.shape[0] for b in group)
                     step_loss = 0.0
                     for b in group:
@@ -224,13 +232,21 @@ class LayerReplaceRepair(Repair):
             target_part.load_state_dict(trained.state_dict())  # copies, casting fp32 to the model's dtype
         self._replaced = target_part
         return {
-            "replaced_by": keep, "window": [lo, hi], "module": self.module,
-            "train_windows": int(train_ids.shape[0]), "val_windows": int(val_ids.shape[0]),
-            "train_steps": step, "warmup_steps": warmup,
-            "forward_passes": counters["forward_passes"], "backward_passes": counters["backward_passes"],
-            "train_mse_first": train_losses[0], "train_mse_last": train_losses[-1],
-            "val_mse_init": val_init, "val_history": history,
-            "best_step": best[1] if best else step, "best_val_mse": best[0] if best else None,
+            "replaced_by": keep,
+            "window": [lo, hi],
+            "module": self.module,
+            "train_windows": int(train_ids.shape[0]),
+            "val_windows": int(val_ids.shape[0]),
+            "train_steps": step,
+            "warmup_steps": warmup,
+            "forward_passes": counters["forward_passes"],
+            "backward_passes": counters["backward_passes"],
+            "train_mse_first": train_losses[0],
+            "train_mse_last": train_losses[-1],
+            "val_mse_init": val_init,
+            "val_history": history,
+            "best_step": best[1] if best else step,
+            "best_val_mse": best[0] if best else None,
         }
 
     def diagnostics(self, model: nn.Module, calib_ids: torch.Tensor) -> dict[str, Any]:

@@ -38,11 +38,23 @@ class PPLSelector(Selector):
         scores = {layer: perplexity(value) for layer, value in nll.items()}
         removed = pick_lowest(nll, n_remove)
         warn_if_edge(removed, n_layers, self.name)
-        return Selection(removed=removed, scores=[scores],
-                         info=info_counts(calls, calib_passes=len(candidates), calib_nll=[nll],
-                                          score="calibration perplexity without the layer", select="min"))
+        return Selection(
+            removed=removed,
+            scores=[scores],
+            info=info_counts(
+                calls,
+                calib_passes=len(candidates),
+                calib_nll=[nll],
+                score="calibration perplexity without the layer",
+                select="min",
+            ),
+        )
 
 
 SELECTORS.add("ppl", PPLSelector)
-register_method("ppl", "ppl", "none",
-                "PPL (Shortened LLaMA): remove the n layers whose single removal raises calibration PPL least.")
+register_method(
+    "ppl",
+    "ppl",
+    "none",
+    "PPL (Shortened LLaMA): remove the n layers whose single removal raises calibration PPL least.",
+)

@@ -29,8 +29,9 @@ class RandomSelector(Selector):
         scores = dict(zip(candidates, draws.tolist()))
         removed = pick_lowest(scores, n_remove)
         warn_if_edge(removed, n_layers, self.name)
-        return Selection(removed=removed, scores=[scores],
-                         info=info_counts(0, score="uniform draw", select="min", seed=self.seed))
+        return Selection(
+            removed=removed, scores=[scores], info=info_counts(0, score="uniform draw", select="min", seed=self.seed)
+        )
 
 
 SELECTORS.add("random", RandomSelector)

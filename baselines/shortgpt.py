@@ -40,16 +40,28 @@ class ShortGPTSelector(Selector):
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         n_layers = len(decoder_layers(model))
-        scores, calls = stream_statistic(model, calib_ids, self.micro_batch_size,
-                                         {layer: (layer, layer + 1) for layer in range(n_layers)},
-                                         _one_minus_cosine, "shortgpt")
+        scores, calls = stream_statistic(
+            model,
+            calib_ids,
+            self.micro_batch_size,
+            {layer: (layer, layer + 1) for layer in range(n_layers)},
+            _one_minus_cosine,
+            "shortgpt",
+        )
         check_finite(scores, "ShortGPT block influence", model.dtype)
         removed = pick_lowest({i: scores[i] for i in self.candidates(range(n_layers), n_layers)}, n_remove)
         warn_if_edge(removed, n_layers, "shortgpt")
-        return Selection(removed=removed, scores=[scores],
-                         info=info_counts(calls, calib_passes=1, score="block influence 1-cos", select="min"))
+        return Selection(
+            removed=removed,
+            scores=[scores],
+            info=info_counts(calls, calib_passes=1, score="block influence 1-cos", select="min"),
+        )
 
 
 SELECTORS.add("shortgpt", ShortGPTSelector)
-register_method("shortgpt", "shortgpt", "none",
-                "ShortGPT: remove the n layers of lowest block influence 1 - cos(h_l, h_l+1), one forward pass.")
+register_method(
+    "shortgpt",
+    "shortgpt",
+    "none",
+    "ShortGPT: remove the n layers of lowest block influence 1 - cos(h_l, h_l+1), one forward pass.",
+)

@@ -37,8 +37,9 @@ class SLEBSelector(Selector):
         calls = tried = 0
         for step in tqdm(range(n_remove), desc="sleb", unit="layer", leave=False):
             candidates = self.candidates(alive, n_layers)
-            nll, step_calls = leave_one_out_nll(model, calib_ids, self.micro_batch_size, alive, candidates,
-                                                f"sleb step {step + 1}/{n_remove}")
+            nll, step_calls = leave_one_out_nll(
+                model, calib_ids, self.micro_batch_size, alive, candidates, f"sleb step {step + 1}/{n_remove}"
+            )
             calls += step_calls
             tried += len(candidates)
             drop = pick_lowest(nll, 1)[0]  # ties: lower index, like the reference's strict '<'
@@ -46,13 +47,25 @@ class SLEBSelector(Selector):
             removed.append(drop)
             alive.remove(drop)
         warn_if_edge(removed, n_layers, self.name)
-        return Selection(removed=removed, scores=all_scores,
-                         info=info_counts(calls, calib_passes=tried, decisions=n_remove,
-                                          calib_nll=[s[r] for s, r in zip(all_scores, removed)],
-                                          score="calibration NLL without the layer", select="min"))
+        return Selection(
+            removed=removed,
+            scores=all_scores,
+            info=info_counts(
+                calls,
+                calib_passes=tried,
+                decisions=n_remove,
+                calib_nll=[s[r] for s, r in zip(all_scores, removed)],
+                score="calibration NLL without the layer",
+                select="min",
+            ),
+        )
 
 
 SELECTORS.add("sleb", SLEBSelector)
-register_method("sleb", "sleb", "none",
-                "SLEB: iterative greedy removal of the block whose removal leaves the lowest calibration NLL.",
-                selector_options={"protect_first": 1, "protect_last": 1})
+register_method(
+    "sleb",
+    "sleb",
+    "none",
+    "SLEB: iterative greedy removal of the block whose removal leaves the lowest calibration NLL.",
+    selector_options={"protect_first": 1, "protect_last": 1},
+)

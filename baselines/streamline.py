@@ -41,9 +41,17 @@ class StreamlineSelector(WindowSelector):
 
 
 SELECTORS.add("streamline", StreamlineSelector)
-register_method("streamline", "streamline", "layer_replace",
-                "LLM-Streamline: n+1 most similar contiguous layers replaced by one layer trained on MSE.",
-                selector_options={"window": "n_plus_1"})
-register_method("streamline_noheal", "streamline", "none",
-                "LLM-Streamline selection only: remove the n-layer block of highest cosine, no training.",
-                selector_options={"window": "n"})
+register_method(
+    "streamline",
+    "streamline",
+    "layer_replace",
+    "LLM-Streamline: n+1 most similar contiguous layers replaced by one layer trained on MSE.",
+    selector_options={"window": "n_plus_1"},
+)
+register_method(
+    "streamline_noheal",
+    "streamline",
+    "none",
+    "LLM-Streamline selection only: remove the n-layer block of highest cosine, no training.",
+    selector_options={"window": "n"},
+)

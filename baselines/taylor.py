@@ -54,10 +54,15 @@ class TaylorSelector(Selector):
         layers = decoder_layers(model)
         n_layers = len(layers)
         batches = microbatches(calib_ids, self.micro_batch_size)
-        scorer = WeightGradScorer(dict(enumerate(layers)), include_norms=True, norm="l1", reduce="sum",
-                                  aggregate="batch",
-                                  accum_dtype=torch.bfloat16 if self.score_accum == "bf16" else torch.float32,
-                                  reduction=taylor_reduction)
+        scorer = WeightGradScorer(
+            dict(enumerate(layers)),
+            include_norms=True,
+            norm="l1",
+            reduce="sum",
+            aggregate="batch",
+            accum_dtype=torch.bfloat16 if self.score_accum == "bf16" else torch.float32,
+            reduction=taylor_reduction,
+        )
 
         def mark_last(i: int) -> None:
             scorer.last_microbatch = i == len(batches) - 1
@@ -71,14 +76,31 @@ class TaylorSelector(Selector):
         check_finite(scores, "Taylor importance", model.dtype)
         removed = pick_lowest({i: scores[i] for i in self.candidates(range(n_layers), n_layers)}, n_remove)
         warn_if_edge(removed, n_layers, self.name)
-        return Selection(removed=removed, scores=[scores],
-                         info=info_counts(len(batches), len(batches), calib_passes=1, calib_loss=[loss],
-                                          score="taylor sum |W*dL/dW|", select="min"))
+        return Selection(
+            removed=removed,
+            scores=[scores],
+            info=info_counts(
+                len(batches),
+                len(batches),
+                calib_passes=1,
+                calib_loss=[loss],
+                score="taylor sum |W*dL/dW|",
+                select="min",
+            ),
+        )
 
 
 SELECTORS.add("taylor", TaylorSelector)
-register_method("taylor", "taylor", "none",
-                "Taylor (Shortened LLaMA): remove the n blocks of lowest sum |W * dL/dW|, one backward, no protection.")
-register_method("taylor_plus", "taylor", "none",
-                "Taylor+ (Shortened LLaMA): Taylor importance, first 4 and last 2 blocks never pruned.",
-                selector_options={"protect_first": 4, "protect_last": 2})
+register_method(
+    "taylor",
+    "taylor",
+    "none",
+    "Taylor (Shortened LLaMA): remove the n blocks of lowest sum |W * dL/dW|, one backward, no protection.",
+)
+register_method(
+    "taylor_plus",
+    "taylor",
+    "none",
+    "Taylor+ (Shortened LLaMA): Taylor importance, first 4 and last 2 blocks never pruned.",
+    selector_options={"protect_first": 4, "protect_last": 2},
+)

@@ -60,8 +60,9 @@ def parse(spec: str) -> list[Fault]:
             continue
         match, sep, kind = part.rpartition(":")
         if not sep or not match or kind not in KINDS:
-            raise ValueError(f"bad {ENV_SPEC} entry {part!r}; expected <job-name-substring>:<kind>, "
-                             f"kind one of {', '.join(KINDS)}")
+            raise ValueError(
+                f"bad {ENV_SPEC} entry {part!r}; expected <job-name-substring>:<kind>, kind one of {', '.join(KINDS)}"
+            )
         faults.append(Fault(match, kind))
     return faults
 

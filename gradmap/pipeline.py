@@ -105,9 +105,15 @@ def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
         text = "\n\n".join(rows["text"])
     else:
         raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset")
-    return build_calibration(tokenizer, text, int(calib_cfg["n_samples"]), int(calib_cfg["seq_len"]),
-                             int(calib_cfg["seed"]), bool(calib_cfg.get("add_bos", False)),
-                             cache_dir=cache_root() / "calib")
+    return build_calibration(
+        tokenizer,
+        text,
+        int(calib_cfg["n_samples"]),
+        int(calib_cfg["seq_len"]),
+        int(calib_cfg["seed"]),
+        bool(calib_cfg.get("add_bos", False)),
+        cache_dir=cache_root() / "calib",
+    )
 
 
 def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) -> PruneResult:
@@ -121,9 +127,16 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
             selector_options.setdefault(key, p[key])
     if cfg["method"]["name"] != "none":
         selector_options.setdefault("seed", cfg["seed"])
-    return prune(model, calib_ids, method=cfg["method"]["name"], ratio=ratio, n_remove=n_remove,
-                 repair=cfg["repair"].get("name"), repair_options=dict(cfg["repair"].get("options") or {}),
-                 **selector_options)
+    return prune(
+        model,
+        calib_ids,
+        method=cfg["method"]["name"],
+        ratio=ratio,
+        n_remove=n_remove,
+        repair=cfg["repair"].get("name"),
+        repair_options=dict(cfg["repair"].get("options") or {}),
+        **selector_options,
+    )
 
 
 def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
@@ -135,35 +148,37 @@ def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
     phases: dict[str, float] = {}
 
     t = time.perf_counter()
-    model, tokenizer = load_model(cfg["model"], device, cfg["dtype"])                        # load
+    model, tokenizer = load_model(cfg["model"], device, cfg["dtype"])  # load
     phases["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calib_ids = calibration(cfg["calib"], tokenizer)                                          # calibrate
+    calib_ids = calibration(cfg["calib"], tokenizer)  # calibrate
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len is not None and calib_ids.shape[1] > max_len:
-        raise ValueError(f"calib.seq_len={calib_ids.shape[1]} exceeds the model's max_position_embeddings="
-                         f"{max_len}; allowed: 2..{max_len}")
+        raise ValueError(
+            f"calib.seq_len={calib_ids.shape[1]} exceeds the model's max_position_embeddings="
+            f"{max_len}; allowed: 2..{max_len}"
+        )
     phases["calib_s"] = time.perf_counter() - t
 
-    result = prune_from_config(model, calib_ids, cfg)                                         # select + repair
+    result = prune_from_config(model, calib_ids, cfg)  # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
-    inject_fault(job.name, model)                                                             # tests only
+    inject_fault(job.name, model)  # tests only
     check_forward_finite(model, calib_ids[:1])
 
     t = time.perf_counter()
-    speed = measure_from_config(model, cfg.get("speed"))                                      # inference speed
+    speed = measure_from_config(model, cfg.get("speed"))  # inference speed
     phases["speed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    metrics = evaluate(model, tokenizer, cfg["eval"], device)                                 # evaluate
+    metrics = evaluate(model, tokenizer, cfg["eval"], device)  # evaluate
     phases["eval_s"] = time.perf_counter() - t
 
     if cfg.get("save_model"):
         model.save_pretrained(job.dir / "model")
         tokenizer.save_pretrained(job.dir / "model")
 
-    return record(cfg, job, result, metrics, phases, status="ok", speed=speed)               # record
+    return record(cfg, job, result, metrics, phases, status="ok", speed=speed)  # record
 
 
 @torch.inference_mode()
@@ -174,10 +189,16 @@ def check_forward_finite(model, input_ids: torch.Tensor) -> None:
     table of chance-level accuracies and a NaN perplexity.
     """
     bad: list[int] = []
-    handles = [layer.register_forward_hook(
-        lambda mod, args, out, i=i: bad.append(i) if not bad and not torch.isfinite(
-            out[0] if isinstance(out, tuple) else out).all() else None)
-        for i, layer in enumerate(decoder_layers(model))]
+    handles = [
+        layer.register_forward_hook(
+            lambda mod, args, out, i=i: (
+                bad.append(i)
+                if not bad and not torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+                else None
+            )
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
     try:
         logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
     finally:
@@ -186,15 +207,26 @@ def check_forward_finite(model, input_ids: torch.Tensor) -> None:
     if bad or not torch.isfinite(logits).all():
         where = f"the output of (pruned) layer {bad[0]}" if bad else "the logits"
         dtype = next(model.parameters()).dtype
-        advice = ("the weights or the repair produced non-finite values, not the precision; check the repair info"
-                  if dtype == torch.float32 else "try dtype=float32 (or bfloat16 instead of float16)")
-        raise NonFiniteError(f"the pruned model computes NaN/inf in {where} "
-                             f"(dtype {str(dtype).removeprefix('torch.')}); {advice}")
+        advice = (
+            "the weights or the repair produced non-finite values, not the precision; check the repair info"
+            if dtype == torch.float32
+            else "try dtype=float32 (or bfloat16 instead of float16)"
+        )
+        raise NonFiniteError(
+            f"the pruned model computes NaN/inf in {where} (dtype {str(dtype).removeprefix('torch.')}); {advice}"
+        )
 
 
-def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics: Mapping[str, Any],
-           phases: Mapping[str, float], status: str, error: str | None = None,
-           speed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def record(
+    cfg: Mapping[str, Any],
+    job: Job,
+    result: PruneResult | None,
+    metrics: Mapping[str, Any],
+    phases: Mapping[str, float],
+    status: str,
+    error: str | None = None,
+    speed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The result.json layout: flat facts first, then details for reports, then the resolved config."""
     out: dict[str, Any] = {
         "status": status,
@@ -207,35 +239,44 @@ def record(cfg: Mapping[str, Any], job: Job, result: PruneResult | None, metrics
     if error is not None:
         out["error"] = error
     if result is not None:
-        out.update({
-            "selector": result.selector,
-            "repair": result.repair,
-            "n_layers": result.n_layers,
-            "n_remove": result.n_remove,
-            "ratio": result.n_remove / result.n_layers,
-            "removed_layers": result.removed_layers,
-            "params_before": result.params_before,
-            "params_after": result.params_after,
-            "timing": {k: result.timings[k] for k in ("select_s", "repair_s", "prune_s", "peak_mem_bytes",
-                                                       "peak_mem_kind", "device")} | dict(phases),
-            "metrics": dict(metrics),
-            "scores": [{str(k): v for k, v in step.items()} for step in result.scores],
-            "selector_options": result.selector_options,
-            "repair_options": result.repair_options,
-            "selector_info": result.selector_info,
-            "repair_info": {k: ({str(i): s for i, s in v.items()} if isinstance(v, dict) else v)
-                            for k, v in result.repair_info.items()},
-        })
+        out.update(
+            {
+                "selector": result.selector,
+                "repair": result.repair,
+                "n_layers": result.n_layers,
+                "n_remove": result.n_remove,
+                "ratio": result.n_remove / result.n_layers,
+                "removed_layers": result.removed_layers,
+                "params_before": result.params_before,
+                "params_after": result.params_after,
+                "timing": {
+                    k: result.timings[k]
+                    for k in ("select_s", "repair_s", "prune_s", "peak_mem_bytes", "peak_mem_kind", "device")
+                }
+                | dict(phases),
+                "metrics": dict(metrics),
+                "scores": [{str(k): v for k, v in step.items()} for step in result.scores],
+                "selector_options": result.selector_options,
+                "repair_options": result.repair_options,
+                "selector_info": result.selector_info,
+                "repair_info": {
+                    k: ({str(i): s for i, s in v.items()} if isinstance(v, dict) else v)
+                    for k, v in result.repair_info.items()
+                },
+            }
+        )
     if speed is not None:
         out["speed"] = dict(speed)
-    out.update({
-        "calib_source": cfg["calib"]["name"],
-        "seed": cfg["seed"],
-        "versions": versions(),
-        "host": socket.gethostname(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": dict(cfg),
-    })
+    out.update(
+        {
+            "calib_source": cfg["calib"]["name"],
+            "seed": cfg["seed"],
+            "versions": versions(),
+            "host": socket.gethostname(),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": dict(cfg),
+        }
+    )
     return out
 
 
@@ -262,8 +303,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     p = cfg["prune"]
     if preset.selector is not None:
         if p.get("ratio") is not None and p.get("n_remove") is not None:
-            raise ValueError(f"give prune.ratio or prune.n_remove, not both (got ratio={p['ratio']}, "
-                             f"n_remove={p['n_remove']})")
+            raise ValueError(
+                f"give prune.ratio or prune.n_remove, not both (got ratio={p['ratio']}, n_remove={p['n_remove']})"
+            )
         ratio = effective_prune(p).get("ratio")
         if p.get("n_remove") is None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
             raise ValueError(f"prune.ratio={ratio!r} is out of range; allowed: 0 < ratio < 1")
@@ -277,8 +319,10 @@ def one_line_error(err: BaseException) -> str:
     """``Type: first line`` of an exception, with advice for the failures researchers hit most."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return ("CUDA out of memory; lower prune.micro_batch_size (windows per forward), set "
-                "method.options.grad_checkpointing=true, or shorten calib.seq_len")
+        return (
+            "CUDA out of memory; lower prune.micro_batch_size (windows per forward), set "
+            "method.options.grad_checkpointing=true, or shorten calib.seq_len"
+        )
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 

@@ -80,8 +80,15 @@ def scan(sweep_dir: str | Path) -> list[JobState]:
                 continue
             states.append(JobState(folder.name, folder, "incomplete"))
         else:
-            states.append(JobState(record.get("job_name", folder.name), folder, str(record.get("status")),
-                                   record.get("error"), record.get("reused_from")))
+            states.append(
+                JobState(
+                    record.get("job_name", folder.name),
+                    folder,
+                    str(record.get("status")),
+                    record.get("error"),
+                    record.get("reused_from"),
+                )
+            )
     return states
 
 
@@ -97,20 +104,29 @@ def _speed_compatible(found: Mapping[str, Any], cfg: Mapping[str, Any], device_l
     speed = found.get("speed")
     if not speed or found.get("timing", {}).get("device") != device_label:
         return False
-    return all(speed.get(k) == speed_cfg.get(k) for k in ("prompt_len", "gen_len", "batch_size", "repeats")
-               if speed_cfg.get(k) is not None)
+    return all(
+        speed.get(k) == speed_cfg.get(k)
+        for k in ("prompt_len", "gen_len", "batch_size", "repeats")
+        if speed_cfg.get(k) is not None
+    )
 
 
-def find_dense(runs_dir: str | Path, job_id: str, exclude: Path, cfg: Mapping[str, Any],
-               device_label: str) -> tuple[Path, dict[str, Any]] | None:
+def find_dense(
+    runs_dir: str | Path, job_id: str, exclude: Path, cfg: Mapping[str, Any], device_label: str
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest ok result with this job id in any sweep under ``runs_dir`` (other than ``exclude``)."""
     candidates = []
     for path in Path(runs_dir).glob(f"*/*-{job_id}/{RESULT_FILE}"):
         if path.parent.resolve() == exclude.resolve():
             continue
         record = read_result(path)
-        if (record and record.get("status") == "ok" and record.get("job_id") == job_id
-                and not record.get("reused_from") and _speed_compatible(record, cfg, device_label)):
+        if (
+            record
+            and record.get("status") == "ok"
+            and record.get("job_id") == job_id
+            and not record.get("reused_from")
+            and _speed_compatible(record, cfg, device_label)
+        ):
             candidates.append((str(record.get("finished_at", "")), path.parent, record))
     if not candidates:
         return None
@@ -134,8 +150,13 @@ def reuse_dense(cfg: Mapping[str, Any], job_id: str, job_name: str, job_dir: Pat
     if found is None:
         return None
     source, record = found
-    out = {**record, "sweep": str(cfg["sweep"]), "job_name": job_name, "reused_from": str(source),
-           "reused_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    out = {
+        **record,
+        "sweep": str(cfg["sweep"]),
+        "job_name": job_name,
+        "reused_from": str(source),
+        "reused_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_json(job_dir / RESULT_FILE, out)
     log.info("reuse %s: dense reference from %s", job_name, source)
     return out
@@ -239,10 +260,17 @@ class SweepSummary(Callback):
         log.info("%s -> %s (report: python -m gradmap.report %s)", line, runs, runs)
         for o in outcomes:
             if o.outcome == "failed":
-                log.warning("  failed %s: %s (traceback: %s)", o.job_name, o.error,
-                            Path(o.dir) / "error.log" if o.dir else "-")
-        atomic_write_json(sweep_dir / SUMMARY_FILE, {"summary": line, "counts": dict(Counter(
-            o.outcome for o in outcomes)), "jobs": [asdict(o) for o in outcomes]})
+                log.warning(
+                    "  failed %s: %s (traceback: %s)", o.job_name, o.error, Path(o.dir) / "error.log" if o.dir else "-"
+                )
+        atomic_write_json(
+            sweep_dir / SUMMARY_FILE,
+            {
+                "summary": line,
+                "counts": dict(Counter(o.outcome for o in outcomes)),
+                "jobs": [asdict(o) for o in outcomes],
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         detail = s.error or (f"reused from {s.reused_from}" if s.reused_from else "")
         print(f"{s.status:10s} {s.name}" + (f"  ({detail})" if detail else ""))
     counts = Counter(s.status for s in states)
-    print(f"{len(states)} jobs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-          + "; a rerun of the sweep redoes every job that is not ok")
+    print(
+        f"{len(states)} jobs: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        + "; a rerun of the sweep redoes every job that is not ok"
+    )
     return 0
 
 

@@ -37,17 +37,26 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, cfg: Mapping[str, Any], config: Mapping[str, Any], run_id: str, run_name: str,
-                 group: str, out_dir: Path) -> None:
+    def __init__(
+        self, cfg: Mapping[str, Any], config: Mapping[str, Any], run_id: str, run_name: str, group: str, out_dir: Path
+    ) -> None:
         import wandb
 
         mode = cfg.get("mode", "offline")
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
             log.warning("tracker.mode=online but no W&B credentials (WANDB_API_KEY or ~/.netrc); logging offline")
             mode = "offline"
-        kwargs = dict(project=cfg.get("project", "gradmap-bench"), entity=cfg.get("entity"), config=dict(config),
-                      id=run_id, name=run_name, group=group, dir=str(out_dir), resume="allow",
-                      reinit="finish_previous")
+        kwargs = dict(
+            project=cfg.get("project", "gradmap-bench"),
+            entity=cfg.get("entity"),
+            config=dict(config),
+            id=run_id,
+            name=run_name,
+            group=group,
+            dir=str(out_dir),
+            resume="allow",
+            reinit="finish_previous",
+        )
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as err:  # network or auth trouble: keep the job, log offline
@@ -76,8 +85,9 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def make_tracker(cfg: Mapping[str, Any], config: Mapping[str, Any], run_id: str, run_name: str, group: str,
-                 out_dir: Path) -> Tracker:
+def make_tracker(
+    cfg: Mapping[str, Any], config: Mapping[str, Any], run_id: str, run_name: str, group: str, out_dir: Path
+) -> Tracker:
     """Build the configured tracker; any failure to start it leaves the job running untracked, with a warning."""
     name = cfg.get("name", "none")
     if name == "none":

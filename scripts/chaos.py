@@ -30,11 +30,28 @@ def sweep(runs: Path, faults: dict[str, str] | None) -> subprocess.CompletedProc
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADMAP_TEST_FAULT")}
     env.update({"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     if faults:
-        env.update({"GRADMAP_ALLOW_FAULTS": "1",
-                    "GRADMAP_TEST_FAULT": ",".join(f"{job}:{kind}" for job, kind in faults.items())})
-    cmd = [sys.executable, "run.py", "-m", "model=tiny_llama", "eval=none", "tracker=none", "sweep=chaos",
-           f"runs_dir={runs}", "calib.n_samples=2", "calib.seq_len=32", "speed.enabled=false",
-           "hydra/launcher=local", f"method={','.join(METHODS)}", f"prune.ratio={','.join(RATIOS)}"]
+        env.update(
+            {
+                "GRADMAP_ALLOW_FAULTS": "1",
+                "GRADMAP_TEST_FAULT": ",".join(f"{job}:{kind}" for job, kind in faults.items()),
+            }
+        )
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "model=tiny_llama",
+        "eval=none",
+        "tracker=none",
+        "sweep=chaos",
+        f"runs_dir={runs}",
+        "calib.n_samples=2",
+        "calib.seq_len=32",
+        "speed.enabled=false",
+        "hydra/launcher=local",
+        f"method={','.join(METHODS)}",
+        f"prune.ratio={','.join(RATIOS)}",
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
@@ -67,11 +84,15 @@ def main() -> None:
     ok = {name for name, r in after.items() if r["record"]["status"] == "ok"}
     check(ok == jobs - set(FAULTS), f"{len(ok)} of 12 jobs ok, exactly the 9 without a fault")
     raised = after.get("tiny_llama-shortgpt-r0.25", {}).get("record", {})
-    check(raised.get("status") == "failed" and "InjectedFault" in raised.get("error", ""),
-          f"exception recorded as failed: {raised.get('error')!r}")
+    check(
+        raised.get("status") == "failed" and "InjectedFault" in raised.get("error", ""),
+        f"exception recorded as failed: {raised.get('error')!r}",
+    )
     nan = after.get("tiny_llama-taylor-r0.5", {}).get("record", {})
-    check(nan.get("status") == "failed" and "NaN/inf" in nan.get("error", ""),
-          f"NaN recorded as failed: {nan.get('error')!r}")
+    check(
+        nan.get("status") == "failed" and "NaN/inf" in nan.get("error", ""),
+        f"NaN recorded as failed: {nan.get('error')!r}",
+    )
     check("tiny_llama-angular-r0.25" not in after, "killed job left no result.json")
 
     start = time.perf_counter()

@@ -138,9 +138,7 @@ def convert_boolq(src: Path) -> list[dict[str, Any]]:
         label = label_map[row["label"]]
         if label != int(ref["answer"]) or row["question"] != ref["question"] or row["idx"] != i:
             raise ValueError(f"boolq item {i} disagrees with boolq/dev.jsonl")
-        out.append(
-            {"question": row["question"], "passage": row["passage"], "idx": row["idx"], "label": label}
-        )
+        out.append({"question": row["question"], "passage": row["passage"], "idx": row["idx"], "label": label})
     return out
 
 
@@ -237,9 +235,7 @@ def convert_hellaswag(src: Path) -> list[dict[str, Any]]:
     ``source_id``; ``ind`` is the position in the validation split.
     """
     out = []
-    for i, (line, label, endings) in enumerate(
-        _hellaswag_blocks(src / "hellaswag/hellaswag_val_full.txt.bz2")
-    ):
+    for i, (line, label, endings) in enumerate(_hellaswag_blocks(src / "hellaswag/hellaswag_val_full.txt.bz2")):
         activity_label, sep, ctx = line.partition(": ")
         if not sep or not 0 <= label <= 3:
             raise ValueError(f"hellaswag item {i}: cannot parse {line[:80]!r} / label {label}")
@@ -247,9 +243,7 @@ def convert_hellaswag(src: Path) -> list[dict[str, Any]]:
             cut = ctx.rfind(". ")
             ctx_a, ctx_b = (ctx[: cut + 1], ctx[cut + 2 :]) if cut >= 0 else ("", ctx)
             if ctx_b[1:] != ctx_b[1:].lower():
-                raise ValueError(
-                    f"hellaswag item {i}: ctx_b {ctx_b!r} has upper case; capitalize() would alter it"
-                )
+                raise ValueError(f"hellaswag item {i}: ctx_b {ctx_b!r} has upper case; capitalize() would alter it")
             source = "activitynet"
         else:
             ctx_a, ctx_b, source = ctx, "", "wikihow"
@@ -385,9 +379,7 @@ def resolve_shared(shared: Path) -> Path:
     for cand in (shared / "data", shared):
         if (cand / "SOURCES.md").is_file() and (cand / "boolq").is_dir():
             return cand
-    raise FileNotFoundError(
-        f"--shared {str(shared)!r} holds no data/SOURCES.md; pass the shared dir, e.g. ../shared"
-    )
+    raise FileNotFoundError(f"--shared {str(shared)!r} holds no data/SOURCES.md; pass the shared dir, e.g. ../shared")
 
 
 def check_inputs(src: Path) -> None:
@@ -453,17 +445,13 @@ def write_sources_md(out: Path, produced: dict[str, tuple[str, int]], hs_counts:
         f"| `wikitext2/wiki.valid.tokens` | calibration (stopgap) | {n} lines | "
         f"WikiText-2 v1 tokenized valid | same path (byte copy) | `{sha}` |"
     )
-    (out / "SOURCES.md").write_text(
-        SOURCES_TEMPLATE.format(table="\n".join(rows), **hs_counts), encoding="utf-8"
-    )
+    (out / "SOURCES.md").write_text(SOURCES_TEMPLATE.format(table="\n".join(rows), **hs_counts), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, required=True, help="shared dir (or its data/ folder)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "data", help="output dir (default: repo data/)"
-    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "data", help="output dir (default: repo data/)")
     args = parser.parse_args(argv)
     produced = convert(args.shared.expanduser().resolve(), args.out.resolve())
     total = sum((args.out / rel).stat().st_size for rel in produced)

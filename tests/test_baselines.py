@@ -142,8 +142,10 @@ def test_angular_distance(tokens):
     model, ids, n = tiny(), calib(), 2
     h = stream(model, ids)
     part = (lambda x: x[:, -1]) if tokens == "last" else (lambda x: x)
-    want = {s: float((torch.arccos(cos(part(h[s]), part(h[s + n])).clamp(-1, 1)) / math.pi).mean())
-            for s in range(L - n + 1)}
+    want = {
+        s: float((torch.arccos(cos(part(h[s]), part(h[s + n])).clamp(-1, 1)) / math.pi).mean())
+        for s in range(L - n + 1)
+    }
     selection = select("angular", model, n, tokens=tokens)
     close(selection.scores[0], want)
     best = min(want, key=want.get)
@@ -192,8 +194,9 @@ def test_sleb_greedy_nll():
     first = {i: nll_with(model, ids, [j for j in range(L) if j != i]) for i in range(1, L - 1)}
     close(selection.scores[0], first)
     drop = min(first, key=first.get)
-    second = {i: nll_with(model, ids, [j for j in range(L) if j not in (drop, i)])
-              for i in range(1, L - 1) if i != drop}
+    second = {
+        i: nll_with(model, ids, [j for j in range(L) if j not in (drop, i)]) for i in range(1, L - 1) if i != drop
+    }
     close(selection.scores[1], second)
     assert selection.removed == [drop, min(second, key=second.get)]
 
@@ -349,8 +352,7 @@ def test_every_selector_repair_pair(selector, repair):
 
 
 def test_non_contiguous_random_selection_rejected_by_layer_replace():
-    seed = next(s for s in range(50)
-                if (r := sorted(select("random", tiny(), 2, seed=s).removed)) and r[1] - r[0] > 1)
+    seed = next(s for s in range(50) if (r := sorted(select("random", tiny(), 2, seed=s).removed)) and r[1] - r[0] > 1)
     with pytest.raises(ValueError, match="contiguous"):
         prune(tiny(), calib(), method="random", n_remove=2, repair="layer_replace", seed=seed)
 
@@ -375,8 +377,19 @@ def test_method_yamls_match_presets():
     import yaml
 
     conf = pathlib.Path(__file__).resolve().parents[1] / "conf" / "method"
-    for name in ["shortgpt", "angular", "replaceme", "taylor", "taylor_plus", "ppl", "sleb", "streamline",
-                 "streamline_noheal", "random", "last_n"]:
+    for name in [
+        "shortgpt",
+        "angular",
+        "replaceme",
+        "taylor",
+        "taylor_plus",
+        "ppl",
+        "sleb",
+        "streamline",
+        "streamline_noheal",
+        "random",
+        "last_n",
+    ]:
         cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
         preset = METHODS.get(cfg["name"])
         options = cfg["options"] or {}

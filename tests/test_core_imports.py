@@ -31,7 +31,9 @@ def imports_of(path: Path, module_level_only: bool) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = tree.body if module_level_only else list(ast.walk(tree))
     if module_level_only:  # module-level `if TYPE_CHECKING:`/`try:` bodies still run at import time
-        nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, ast.FunctionDef | ast.ClassDef)]
+        nodes = [
+            n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, ast.FunctionDef | ast.ClassDef)
+        ]
     found = []
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -46,8 +48,9 @@ def python_files(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
 
 
-def violations(folder: str, allowed_project: tuple[str, ...], forbidden_libs: set[str],
-               module_level_only: bool = False) -> list[str]:
+def violations(
+    folder: str, allowed_project: tuple[str, ...], forbidden_libs: set[str], module_level_only: bool = False
+) -> list[str]:
     """Imports from ``folder`` of forbidden libraries, or of project modules outside ``allowed_project``."""
     bad = []
     for path in python_files(folder):
@@ -61,8 +64,7 @@ def violations(folder: str, allowed_project: tuple[str, ...], forbidden_libs: se
 
 def test_core_imports_only_torch_transformers_and_itself():
     # Every import, lazy ones included, except the registry's discovery of the `baselines` plug-in package.
-    bad = [v for v in violations("gradmap/core", ("gradmap.core",), EDGE_LIBS)
-           if not v.endswith("imports baselines")]
+    bad = [v for v in violations("gradmap/core", ("gradmap.core",), EDGE_LIBS) if not v.endswith("imports baselines")]
     assert bad == []
 
 
@@ -84,8 +86,12 @@ def test_no_module_level_import_cycle():
     files = python_files("gradmap", "baselines")
     names = {module_name(p): p for p in files}
     graph = {
-        name: {target for _, imported in imports_of(path, module_level_only=True)
-               for target in (imported, imported.rsplit(".", 1)[0]) if target in names and target != name}
+        name: {
+            target
+            for _, imported in imports_of(path, module_level_only=True)
+            for target in (imported, imported.rsplit(".", 1)[0])
+            if target in names and target != name
+        }
         for name, path in names.items()
     }
     # A package's __init__ importing its own submodules is how packages re-export; only count edges between
@@ -99,7 +105,7 @@ def test_no_module_level_import_cycle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle.extend([*stack[stack.index(nxt):], nxt] if nxt in stack else [node, nxt])
+                cycle.extend([*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt])
                 return True
             if nxt not in state and visit(nxt, [*stack, nxt]):
                 return True
@@ -128,15 +134,28 @@ def test_the_checker_catches_a_forbidden_import(tmp_path, monkeypatch):
     assert any("imports hydra" in b for b in bad) and any("gradmap.pipeline" in b for b in bad)
 
 
-CORE = ["gradmap", "gradmap.core.prune", "gradmap.core.layers", "gradmap.core.calib", "gradmap.core.stage1",
-        "gradmap.core.stage2", "gradmap.models", "gradmap.core.timing", "gradmap.eval.perplexity",
-        "gradmap.eval.speed", "gradmap.bench", "baselines"]
+CORE = [
+    "gradmap",
+    "gradmap.core.prune",
+    "gradmap.core.layers",
+    "gradmap.core.calib",
+    "gradmap.core.stage1",
+    "gradmap.core.stage2",
+    "gradmap.models",
+    "gradmap.core.timing",
+    "gradmap.eval.perplexity",
+    "gradmap.eval.speed",
+    "gradmap.bench",
+    "baselines",
+]
 
 
 def test_core_modules_import_no_edge_library():
-    code = (f"import importlib, sys\nfor m in {CORE!r}: importlib.import_module(m)\n"
-            "from gradmap.core.components import METHODS; METHODS.names()\n"
-            f"print(','.join(m for m in {sorted(EDGE_LIBS)!r} if m in sys.modules))")
+    code = (
+        f"import importlib, sys\nfor m in {CORE!r}: importlib.import_module(m)\n"
+        "from gradmap.core.components import METHODS; METHODS.names()\n"
+        f"print(','.join(m for m in {sorted(EDGE_LIBS)!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"core pulled in edge libraries: {out.stdout.strip()}"

@@ -60,8 +60,9 @@ def test_wandb_online_without_credentials_falls_back_to_offline(monkeypatch, tmp
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        tracker = make_tracker({"name": "wandb", "mode": "online", "project": "t"}, {"a": 1}, "job123", "job",
-                               "sweep", tmp_path)
+        tracker = make_tracker(
+            {"name": "wandb", "mode": "online", "project": "t"}, {"a": 1}, "job123", "job", "sweep", tmp_path
+        )
     try:
         assert isinstance(tracker, WandbTracker) and tracker.mode == "offline"
         assert "no W&B credentials" in caplog.text

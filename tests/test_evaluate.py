@@ -132,9 +132,7 @@ def test_known_prompts(local_tasks: dict) -> None:
     bq = local_tasks["boolq"]
     doc = bq.eval_docs[0]
     assert bq.doc_to_text(doc).startswith("Ethanol fuel -- All biomass goes through")
-    assert bq.doc_to_text(doc).endswith(
-        "Question: does ethanol take more energy make that produces?\nAnswer:"
-    )
+    assert bq.doc_to_text(doc).endswith("Question: does ethanol take more energy make that produces?\nAnswer:")
     assert bq.doc_to_target(doc) == 0 and bq.doc_to_choice(doc) == ["no", "yes"]
     wg = local_tasks["winogrande"]
     doc = wg.eval_docs[0]

@@ -16,15 +16,20 @@ from tests.conftest import make_calib, make_tiny, plant_identity
 
 def direct_gradmap_scores(model, ids) -> dict[int, float]:
     """G_ℓ = Σ|∂L/∂W| / Σ numel(W) over the seven linears, by plain autograd on the batch-mean loss."""
-    weights = {i: [getattr(getattr(layer, part), name).weight
-                   for part, names in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:]))
-                   for name in names]
-               for i, layer in enumerate(model.model.layers)}
+    weights = {
+        i: [
+            getattr(getattr(layer, part), name).weight
+            for part, names in (("self_attn", LINEAR_NAMES[:4]), ("mlp", LINEAR_NAMES[4:]))
+            for name in names
+        ]
+        for i, layer in enumerate(model.model.layers)
+    }
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     flat = [w for ws in weights.values() for w in ws]
     grads = dict(zip(map(id, flat), torch.autograd.grad(loss, flat)))
-    return {i: sum(float(grads[id(w)].abs().sum()) for w in ws) / sum(w.numel() for w in ws)
-            for i, ws in weights.items()}
+    return {
+        i: sum(float(grads[id(w)].abs().sum()) for w in ws) / sum(w.numel() for w in ws) for i, ws in weights.items()
+    }
 
 
 def test_scores_match_direct_computation_and_microbatching_does_not_change_them():
@@ -101,17 +106,26 @@ def test_bad_option_values_are_one_line_errors():
         prune(make_tiny(4), make_calib(), method="gradmap", n_remove=1, grad_nrom="l1")
 
 
-@pytest.mark.parametrize("n_layers, ratio, expected", [(28, 0.375, 11), (32, 0.25, 8), (30, 0.25, 8),
-                                                       (32, 0.125, 4), (40, 0.375, 15), (30, 0.125, 4)])
+@pytest.mark.parametrize(
+    "n_layers, ratio, expected",
+    [(28, 0.375, 11), (32, 0.25, 8), (30, 0.25, 8), (32, 0.125, 4), (40, 0.375, 15), (30, 0.125, 4)],
+)
 def test_ratio_rounds_half_up(n_layers, ratio, expected):
     assert resolve_n_remove(n_layers, ratio=ratio) == expected
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ratio": 0.0}, "out of range"), ({"ratio": 1.0}, "out of range"), ({"ratio": 0.01}, "rounds to 0"),
-    ({"ratio": 0.25, "n_remove": 2}, "not both"), ({"n_remove": 8}, "too large"), ({"n_remove": 0}, ">= 1"),
-    ({"n_remove": 7, "protected": 2}, "too large"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 0.0}, "out of range"),
+        ({"ratio": 1.0}, "out of range"),
+        ({"ratio": 0.01}, "rounds to 0"),
+        ({"ratio": 0.25, "n_remove": 2}, "not both"),
+        ({"n_remove": 8}, "too large"),
+        ({"n_remove": 0}, ">= 1"),
+        ({"n_remove": 7, "protected": 2}, "too large"),
+    ],
+)
 def test_bad_amounts(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resolve_n_remove(8, **kwargs)
@@ -119,20 +133,22 @@ def test_bad_amounts(kwargs, message):
 
 # ---- stage 2 ------------------------------------------------------------------------------------------------
 
+
 def ridge_by_lstsq(x, y, lam):
     """min ‖XB − Y‖² + λ‖B − I‖² as an ordinary least-squares problem on stacked rows."""
     d = x.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
-    a = torch.cat([x, lam ** 0.5 * eye])
-    b = torch.cat([y, lam ** 0.5 * eye])
+    a = torch.cat([x, lam**0.5 * eye])
+    b = torch.cat([y, lam**0.5 * eye])
     return torch.linalg.lstsq(a, b).solution
 
 
 def test_closed_form_equals_lstsq_ridge():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 8, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(8, 8, generator=g, dtype=torch.float64) + 0.1 * torch.randn(200, 8, generator=g,
-                                                                                    dtype=torch.float64)
+    y = x @ torch.randn(8, 8, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
+        200, 8, generator=g, dtype=torch.float64
+    )
     p, info = solve_projection(x.T @ x, x.T @ y, lambda_rel=1e-2)
     b = ridge_by_lstsq(x, y, info["lambda"])
     torch.testing.assert_close(p, b.T, rtol=1e-9, atol=1e-9)

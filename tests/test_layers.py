@@ -81,9 +81,17 @@ def test_active_layers_is_temporary_and_matches_removal():
 
 
 def test_qwen2_layer_types_follow_the_surviving_layers():
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=2)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     types = list(model.config.layer_types)

@@ -34,8 +34,18 @@ def gradmap_record(tmp_path_factory) -> dict:
 def test_result_json_has_the_documented_keys(gradmap_record):
     rec = gradmap_record
     assert rec["status"] == "ok", rec.get("error")
-    for key in ("model", "method", "repair", "n_layers", "n_remove", "removed_layers", "timing", "metrics",
-                "versions", "config"):
+    for key in (
+        "model",
+        "method",
+        "repair",
+        "n_layers",
+        "n_remove",
+        "removed_layers",
+        "timing",
+        "metrics",
+        "versions",
+        "config",
+    ):
         assert key in rec
     assert rec["model"] == "tiny_llama" and rec["method"] == "gradmap" and rec["repair"] == "projection"
     assert rec["n_layers"] == 8 and rec["n_remove"] == 2 and len(rec["removed_layers"]) == 2
@@ -75,15 +85,18 @@ def test_finished_job_is_skipped(tmp_path):
     assert first["status"] == "ok" and second.get("skipped") is True
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["prune.ratio=1.5"], "prune.ratio=1.5 is out of range; allowed: 0 < ratio < 1"),
-    (["prune.ratio=0.25", "prune.n_remove=2"], "not both"),
-    (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
-    (["prune.ratio=0.01"], "rounds to 0 layers"),
-    (["dtype=float8"], "unknown dtype 'float8'"),
-    (["calib.seq_len=100000000"], "too short for windows of 100000000 tokens"),
-    (["calib.seq_len=5000"], "calib.seq_len=5000 exceeds the model's max_position_embeddings=4096"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["prune.ratio=1.5"], "prune.ratio=1.5 is out of range; allowed: 0 < ratio < 1"),
+        (["prune.ratio=0.25", "prune.n_remove=2"], "not both"),
+        (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
+        (["prune.ratio=0.01"], "rounds to 0 layers"),
+        (["dtype=float8"], "unknown dtype 'float8'"),
+        (["calib.seq_len=100000000"], "too short for windows of 100000000 tokens"),
+        (["calib.seq_len=5000"], "calib.seq_len=5000 exceeds the model's max_position_embeddings=4096"),
+    ],
+)
 def test_bad_values_fail_the_job_with_one_line(tmp_path, overrides, message):
     rec = execute(config(tmp_path, "eval=none", *overrides))
     assert rec["status"] == "failed"
@@ -108,9 +121,22 @@ def test_unknown_group_value_gets_did_you_mean():
 @pytest.mark.slow
 def test_run_py_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "run.py", *FAST, f"runs_dir={tmp_path}", "prune.n_remove=2",
-                          "tracker=wandb", f"hydra.run.dir={tmp_path}/hydra"],
-                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *FAST,
+            f"runs_dir={tmp_path}",
+            "prune.n_remove=2",
+            "tracker=wandb",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = list(tmp_path.rglob("result.json"))
     assert len(results) == 1

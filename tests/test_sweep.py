@@ -75,7 +75,10 @@ def test_failed_job_is_recorded_and_the_others_complete(scenario):
     assert summary_line(proc) == "sweep smoke: 4 jobs: 2 ok, 0 reused, 1 skipped, 1 failed"
     records = {name.rsplit("-", 1)[0]: rec for name, rec in scenario["after_failed"].items()}
     assert {k: r["status"] for k, r in records.items()} == {
-        "tiny_llama-none-dense": "ok", "tiny_llama-random-r0.25": "ok", "tiny_llama-random-r0.5": "failed"}
+        "tiny_llama-none-dense": "ok",
+        "tiny_llama-random-r0.25": "ok",
+        "tiny_llama-random-r0.5": "failed",
+    }
     failed = records["tiny_llama-random-r0.5"]
     assert failed["error"] == "InjectedFault: injected test fault in tiny_llama-random-r0.5"
     assert "injected test fault" in (proc.stdout + proc.stderr)
@@ -109,8 +112,9 @@ def test_rerun_of_a_finished_sweep_skips_everything(scenario):
 def test_dense_reference_is_reused_across_sweeps(scenario):
     from gradmap.pipeline import execute
 
-    cfg = composed("experiment=smoke", "eval=none", "method=none", f"runs_dir={scenario['runs']}", "sweep=other",
-                   hydra=False)
+    cfg = composed(
+        "experiment=smoke", "eval=none", "method=none", f"runs_dir={scenario['runs']}", "sweep=other", hydra=False
+    )
     first = execute(OmegaConf.to_container(cfg, resolve=True))
     source = job_dir(scenario["runs"], "tiny_llama-none-dense")
     assert first["reused_from"] == str(source) and first["sweep"] == "other"
@@ -139,14 +143,17 @@ def composed(*overrides: str, hydra: bool = True):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.mark.parametrize(("launcher", "target", "fields"), [
-    (None, "BasicLauncher", {}),
-    ("parallel", "JoblibLauncher", {"n_jobs": 2, "backend": "loky"}),
-    ("joblib", "JoblibLauncher", {}),
-    ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 480, "array_parallelism": 8, "partition": None}),
-    ("local", "LocalLauncher", {"timeout_min": 60}),
-    ("submitit_local", "LocalLauncher", {}),
-])
+@pytest.mark.parametrize(
+    ("launcher", "target", "fields"),
+    [
+        (None, "BasicLauncher", {}),
+        ("parallel", "JoblibLauncher", {"n_jobs": 2, "backend": "loky"}),
+        ("joblib", "JoblibLauncher", {}),
+        ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 480, "array_parallelism": 8, "partition": None}),
+        ("local", "LocalLauncher", {"timeout_min": 60}),
+        ("submitit_local", "LocalLauncher", {}),
+    ],
+)
 def test_launchers_compose(launcher, target, fields):
     cfg = composed("experiment=smoke", *([f"hydra/launcher={launcher}"] if launcher else []))
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -163,12 +170,15 @@ def test_slurm_fields_override():
 ALL_METHODS = {p.stem for p in (CONF / "method").glob("*.yaml")}
 
 
-@pytest.mark.parametrize(("preset", "model", "eval_name", "ratios", "methods"), [
-    ("smoke", "tiny_llama", "smoke", "0.25,0.5", {"none", "gradmap", "shortgpt", "sleb", "random"}),
-    ("offline_main", "smollm2_135m", "quick", "0.125,0.25,0.375", ALL_METHODS),
-    ("paper_main", None, "full", "0.125,0.25,0.375", ALL_METHODS),
-    ("paper_speed", None, "none", "0.125,0.25,0.375", None),
-])
+@pytest.mark.parametrize(
+    ("preset", "model", "eval_name", "ratios", "methods"),
+    [
+        ("smoke", "tiny_llama", "smoke", "0.25,0.5", {"none", "gradmap", "shortgpt", "sleb", "random"}),
+        ("offline_main", "smollm2_135m", "quick", "0.125,0.25,0.375", ALL_METHODS),
+        ("paper_main", None, "full", "0.125,0.25,0.375", ALL_METHODS),
+        ("paper_speed", None, "none", "0.125,0.25,0.375", None),
+    ],
+)
 def test_experiment_presets(preset, model, eval_name, ratios, methods):
     cfg = composed(f"experiment={preset}")
     params = cfg.hydra.sweeper.params
@@ -231,8 +241,7 @@ def test_speed_is_measured_the_same_way_for_dense_and_pruned():
     model = tiny_llama(vocab_size=256, num_hidden_layers=4)
     dense = measure_speed(model, prompt_len=8, gen_len=3, repeats=1, warmup=0).as_dict()
     remove_layers(model, [1, 2])
-    pruned = measure_from_config(model, {"enabled": True, "prompt_len": 8, "gen_len": 3, "repeats": 1,
-                                         "warmup": 0})
+    pruned = measure_from_config(model, {"enabled": True, "prompt_len": 8, "gen_len": 3, "repeats": 1, "warmup": 0})
     assert (dense["n_layers"], pruned["n_layers"]) == (4, 2) and pruned["params"] < dense["params"]
     for rec in (dense, pruned):
         assert rec["prefill_tok_s"] == pytest.approx(8 / rec["prefill_s"])

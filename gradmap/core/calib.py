@@ -49,8 +49,15 @@ def build_calibration(
     """Tokenise ``text`` once and sample the calibration windows, cached on disk when ``cache_dir`` is set."""
     key = hashlib.sha256(
         "|".join(
-            [hashlib.sha256(text.encode()).hexdigest(), getattr(tokenizer, "name_or_path", ""), str(len(tokenizer)),
-             str(n_samples), str(seq_len), str(seed), str(add_bos)]
+            [
+                hashlib.sha256(text.encode()).hexdigest(),
+                getattr(tokenizer, "name_or_path", ""),
+                str(len(tokenizer)),
+                str(n_samples),
+                str(seq_len),
+                str(seed),
+                str(add_bos),
+            ]
         ).encode()
     ).hexdigest()[:16]
     cache_file = Path(cache_dir) / f"calib-{key}.pt" if cache_dir else None

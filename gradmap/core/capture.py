@@ -54,6 +54,7 @@ def capture(
     for name, module in modules.items():
         handles.append(module.register_forward_hook(make_hook(name, module), with_kwargs=True))
     if stop_at is not None and all(m is not stop_at for m in modules.values()):
+
         def stop_hook(mod, args, kwargs, output):
             raise StopForward
 

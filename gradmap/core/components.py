@@ -69,9 +69,7 @@ class Component:
         allowed = cls.option_names()
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for {cls.kind} {cls.name!r}; allowed: {', '.join(allowed)}"
-            )
+            raise ValueError(f"unknown option(s) {unknown} for {cls.kind} {cls.name!r}; allowed: {', '.join(allowed)}")
         return cls(**options)
 
     def options(self) -> dict[str, Any]:

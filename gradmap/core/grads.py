@@ -80,9 +80,16 @@ class WeightGradScorer:
     :func:`reduce_gradient` with ``norm``. Other scores (Taylor's Σ|W ⊙ g|) pass their own and keep the buffering.
     """
 
-    def __init__(self, layers: dict[int, nn.Module], include_norms: bool, norm: str, reduce: str,
-                 aggregate: str, accum_dtype: torch.dtype,
-                 reduction: Callable[[nn.Parameter, torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        layers: dict[int, nn.Module],
+        include_norms: bool,
+        norm: str,
+        reduce: str,
+        aggregate: str,
+        accum_dtype: torch.dtype,
+        reduction: Callable[[nn.Parameter, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.norm, self.reduce, self.aggregate, self.accum_dtype = norm, reduce, aggregate, accum_dtype
         self.reduction = reduction or (lambda _param, g: reduce_gradient(g, norm))
         self.owner: dict[nn.Parameter, int] = {}
@@ -153,8 +160,14 @@ class LinearIntoBuffer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                w_buf: torch.Tensor, b_buf: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        w_buf: torch.Tensor,
+        b_buf: torch.Tensor | None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.bufs = (w_buf, b_buf)
         return F.linear(x, weight, bias)
@@ -236,7 +249,7 @@ class FusedWeightGradScorer:
         values = torch.stack([totals[idx] for idx in alive]).double().cpu()  # one device sync per decision
         out = {}
         for idx, value in zip(alive, values.tolist()):
-            value = value if self.norm == "l1" else value ** 0.5
+            value = value if self.norm == "l1" else value**0.5
             out[idx] = value / self.numel[idx] if self.reduce == "mean" else value
         return out
 

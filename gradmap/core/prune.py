@@ -40,8 +40,7 @@ class PruneResult:
     params_after: int = 0
 
 
-def resolve_n_remove(n_layers: int, ratio: float | None = None, n_remove: int | None = None,
-                     protected: int = 0) -> int:
+def resolve_n_remove(n_layers: int, ratio: float | None = None, n_remove: int | None = None, protected: int = 0) -> int:
     """Layers to remove: ``n_remove`` if given, else ⌊ratio·L + ½⌋ (half-up, exact via Fraction).
 
     Python's round() sends 0.375·28 = 10.5 to 10 (banker's rounding); papers round half up, to 11.
@@ -109,10 +108,26 @@ def prune(
             raise ValueError(f"method 'none' removes nothing, so repair={repair_name!r} has nothing to repair")
         if n_remove not in (None, 0):
             raise ValueError(f"method 'none' removes nothing; got n_remove={n_remove}")
-        return PruneResult(model, method, None, "none", n_layers, 0, [], [],
-                           {"select_s": 0.0, "repair_s": 0.0, "prune_s": 0.0, "peak_mem_bytes": 0,
-                            "peak_mem_kind": peak_memory_kind(device), "device": device_name(device)},
-                           params_before=params_before, params_after=params_before)
+        return PruneResult(
+            model,
+            method,
+            None,
+            "none",
+            n_layers,
+            0,
+            [],
+            [],
+            {
+                "select_s": 0.0,
+                "repair_s": 0.0,
+                "prune_s": 0.0,
+                "peak_mem_bytes": 0,
+                "peak_mem_kind": peak_memory_kind(device),
+                "device": device_name(device),
+            },
+            params_before=params_before,
+            params_after=params_before,
+        )
 
     selector = SELECTORS.get(preset.selector).from_options(**{**preset.selector_options, **options})
     n_remove = resolve_n_remove(n_layers, ratio, n_remove, protected=len(selector.protected(n_layers)))

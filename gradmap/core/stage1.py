@@ -119,24 +119,31 @@ class GradMAPSelector(Selector):
         self.check_choice("wgrad_accum", ["auto", "fused", "hook"])
         if self.layers_per_step < 1:
             raise ValueError(f"selector 'gradmap': layers_per_step must be >= 1, got {self.layers_per_step}")
-        if self.wgrad_accum == "fused" and (self.grad_target != "weights" or self.grad_aggregate != "batch"
-                                            or self.include_norms):
-            raise ValueError("selector 'gradmap': wgrad_accum=fused needs grad_target=weights, "
-                             "grad_aggregate=batch and include_norms=false")
+        if self.wgrad_accum == "fused" and (
+            self.grad_target != "weights" or self.grad_aggregate != "batch" or self.include_norms
+        ):
+            raise ValueError(
+                "selector 'gradmap': wgrad_accum=fused needs grad_target=weights, "
+                "grad_aggregate=batch and include_norms=false"
+            )
 
     def uses_fused(self, n_microbatches: int) -> bool:
         """Fused accumulation where a buffer is needed anyway (``auto``), or where asked for (``fused``)."""
         if self.wgrad_accum == "fused":
             return True
-        return (self.wgrad_accum == "auto" and n_microbatches > 1 and self.grad_target == "weights"
-                and self.grad_aggregate == "batch" and not self.include_norms)
+        return (
+            self.wgrad_accum == "auto"
+            and n_microbatches > 1
+            and self.grad_target == "weights"
+            and self.grad_aggregate == "batch"
+            and not self.include_norms
+        )
 
     @property
     def accum_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.score_accum == "bf16" else torch.float32
 
-    def _forward_backward(self, model: nn.Module, batches: list[torch.Tensor], alive: list[int],
-                          scorer: Any) -> float:
+    def _forward_backward(self, model: nn.Module, batches: list[torch.Tensor], alive: list[int], scorer: Any) -> float:
         """Backward of the mean loss over D, one micro-batch at a time; returns the mean loss.
 
         Losses stay on the device and are checked once at the end, so the loop never waits for the GPU.
@@ -168,8 +175,13 @@ class GradMAPSelector(Selector):
             )
         return float(values.double().sum())
 
-    def _score_step(self, model: nn.Module, alive: list[int], batches: list[torch.Tensor],
-                    fused: FusedWeightGradScorer | None = None) -> tuple[dict[int, float], float]:
+    def _score_step(
+        self,
+        model: nn.Module,
+        alive: list[int],
+        batches: list[torch.Tensor],
+        fused: FusedWeightGradScorer | None = None,
+    ) -> tuple[dict[int, float], float]:
         """One decision's worth of work: a forward+backward over D of the current model, reduced to scores."""
         layers = decoder_layers(model)
         alive_layers = {idx: layers[idx] for idx in alive}
@@ -180,8 +192,13 @@ class GradMAPSelector(Selector):
             return fused.scores(alive), loss
         if self.grad_target == "weights":
             scorer: WeightGradScorer | _ActivationGradScorer = WeightGradScorer(
-                alive_layers, self.include_norms, self.grad_norm, self.grad_reduce, self.grad_aggregate,
-                self.accum_dtype)
+                alive_layers,
+                self.include_norms,
+                self.grad_norm,
+                self.grad_reduce,
+                self.grad_aggregate,
+                self.accum_dtype,
+            )
             params = scorer.params
         else:
             scorer = _ActivationGradScorer(alive_layers, self.grad_target)
@@ -204,12 +221,18 @@ class GradMAPSelector(Selector):
         step_seconds: list[float] = []
         backward_passes = 0
         use_fused = self.uses_fused(len(batches))
-        fused = (FusedWeightGradScorer(dict(enumerate(decoder_layers(model))), self.grad_norm, self.grad_reduce,
-                                        self.accum_dtype) if use_fused else None)
+        fused = (
+            FusedWeightGradScorer(
+                dict(enumerate(decoder_layers(model))), self.grad_norm, self.grad_reduce, self.accum_dtype
+            )
+            if use_fused
+            else None
+        )
         try:
-            with training_mode(model, self.grad_checkpointing), tqdm(
-                total=n_remove, desc="gradmap stage 1", unit="layer", leave=False
-            ) as bar:
+            with (
+                training_mode(model, self.grad_checkpointing),
+                tqdm(total=n_remove, desc="gradmap stage 1", unit="layer", leave=False) as bar,
+            ):
                 while len(removed) < n_remove:
                     k = min(step_size, n_remove - len(removed))
                     start = time.perf_counter()
@@ -233,8 +256,13 @@ class GradMAPSelector(Selector):
         return Selection(
             removed=removed,
             scores=all_scores,
-            info={"calib_loss": losses, "backward_passes": backward_passes, "decisions": len(all_scores),
-                  "step_s": step_seconds, "wgrad_accum": "fused" if use_fused else "hook"},
+            info={
+                "calib_loss": losses,
+                "backward_passes": backward_passes,
+                "decisions": len(all_scores),
+                "step_s": step_seconds,
+                "wgrad_accum": "fused" if use_fused else "hook",
+            },
         )
 
 

@@ -54,8 +54,9 @@ def condition_number(lhs: torch.Tensor) -> float:
     return float(eigs[-1] / eigs[0]) if float(eigs[0]) > 0 else math.inf
 
 
-def solve_projection(xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str = "identity",
-                     with_cond: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+def solve_projection(
+    xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str = "identity", with_cond: bool = True
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Closed-form ridge fit of B in min ‖XB − Y‖² + λ‖B − B₀‖² (B₀ = I or 0); returns P = Bᵀ and diagnostics.
 
     Solved by Cholesky in float64. With λ = 0 and a singular XᵀX the Cholesky step fails and the
@@ -77,8 +78,7 @@ def solve_projection(xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, re
         b = torch.linalg.lstsq(lhs.cpu(), rhs.cpu(), driver="gelsd").solution.to(lhs.device)
         solver = "lstsq_min_norm"
     p = b.T.contiguous()
-    info: dict[str, Any] = {"lambda": lam, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)),
-                            "solver": solver}
+    info: dict[str, Any] = {"lambda": lam, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)), "solver": solver}
     if with_cond:
         info["cond"] = condition_number(lhs)
     return p, info
@@ -98,8 +98,9 @@ Visit = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
 @contextmanager
-def _lockstep(layers: nn.ModuleList, removed: Sequence[int], stop_after: int, visit: Visit,
-              state: dict[str, bool] | None = None) -> Iterator[None]:
+def _lockstep(
+    layers: nn.ModuleList, removed: Sequence[int], stop_after: int, visit: Visit, state: dict[str, bool] | None = None
+) -> Iterator[None]:
     """Run the pruned model in lockstep with the dense forward, inside the dense layers' forward hooks.
 
     After dense layer i has run, the pruned stream advances through layer i too if i survives, with the very
@@ -169,13 +170,14 @@ class ProjectionRepair(Repair):
     # -- pass 1: where does the pruned model drift most? ------------------------------------------------------
     def _token_sum(self, h: torch.Tensor) -> torch.Tensor:
         """Σ over tokens of one hidden state in fp64 (squared for ``shift_stat=rms``), without an fp64 copy."""
-        h = h[:, self.skip_first_tokens:]
+        h = h[:, self.skip_first_tokens :]
         if self.shift_stat == "rms":
             return h.double().square().sum(dim=(0, 1))
         return h.sum(dim=(0, 1), dtype=torch.float64)
 
-    def shift_pass(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], cache_from: int
-                   ) -> tuple[dict[int, float], list[torch.Tensor]]:
+    def shift_pass(
+        self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], cache_from: int
+    ) -> tuple[dict[int, float], list[torch.Tensor]]:
         """Δ_j for every survivor j, from ONE dense forward with the pruned model run in lockstep.
 
         Also returns, per micro-batch, the stream entering layer ``cache_from`` (the same in the dense and the
@@ -230,9 +232,15 @@ class ProjectionRepair(Repair):
         return after
 
     # -- pass 2: fit P at the site --------------------------------------------------------------------------
-    def fit(self, model: nn.Module, batches: list[torch.Tensor], removed: Sequence[int], site: int,
-            cache: Sequence[torch.Tensor] = (), cache_from: int = 0
-            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    def fit(
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        removed: Sequence[int],
+        site: int,
+        cache: Sequence[torch.Tensor] = (),
+        cache_from: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Accumulate XᵀX and XᵀY (fp64) over the calibration set in one lockstep pass, stopped at the reference.
 
         The dense model runs up to layer ``ref = nxt(site) − 1`` and the pruned one up to the site; with a
@@ -268,8 +276,11 @@ class ProjectionRepair(Repair):
         path = list(range(start, ref + 1))
         handle = layers[site].mlp.down_proj.register_forward_hook(down_hook)
         try:
-            with torch.inference_mode(), active_layers(model, path), \
-                    _lockstep(layers, removed, stop_after=ref, visit=visit, state=state):
+            with (
+                torch.inference_mode(),
+                active_layers(model, path),
+                _lockstep(layers, removed, stop_after=ref, visit=visit, state=state),
+            ):
                 for k, mb in enumerate(batches):
                     got.clear()
                     if cache:
@@ -313,8 +324,9 @@ class ProjectionRepair(Repair):
         # Each pass ends by reading its result on the host (a device sync), so these clocks need no extra sync.
         clock = [time.perf_counter()]
         with tqdm(total=2, desc=f"{self.name} repair", unit="pass", leave=False) as bar:
-            shifts, cache = self.shift_pass(model, batches, removed, cache_from) if self.site == "max_shift" \
-                else ({}, [])
+            shifts, cache = (
+                self.shift_pass(model, batches, removed, cache_from) if self.site == "max_shift" else ({}, [])
+            )
             clock.append(time.perf_counter())
             bar.update(1)
             site = self.choose_site(shifts, nxt, removed)
@@ -327,8 +339,12 @@ class ProjectionRepair(Repair):
         d = xtx.shape[0]
         resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
         down = layers[site].mlp.down_proj
-        self._original_down = {"module": down, "weight": down.weight.detach().clone(), "xtx": xtx,
-                               "lambda": solve_info["lambda"]}
+        self._original_down = {
+            "module": down,
+            "weight": down.weight.detach().clone(),
+            "xtx": xtx,
+            "lambda": solve_info["lambda"],
+        }
         merge_into_down_proj(layers[site], p)
         return {
             "pass_s": {"shift": clock[1] - clock[0], "fit": clock[2] - clock[1]},
@@ -355,8 +371,12 @@ class ProjectionRepair(Repair):
         xtx, lam = self._original_down["xtx"], self._original_down["lambda"]
         cond = condition_number(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device))
         self._original_down = {}
-        return {"calib_nll_uncompensated": before, "calib_nll_compensated": after, "nll_rose": after > before,
-                "cond": cond}
+        return {
+            "calib_nll_uncompensated": before,
+            "calib_nll_compensated": after,
+            "nll_rose": after > before,
+            "cond": cond,
+        }
 
 
 REPAIRS.add("projection", ProjectionRepair)

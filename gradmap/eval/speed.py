@@ -82,8 +82,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 @torch.inference_mode()
-def _one_run(model: nn.Module, prompt: torch.Tensor, gen_len: int, last_only: dict[str, int],
-             cache_arg: str) -> tuple[float, float]:
+def _one_run(
+    model: nn.Module, prompt: torch.Tensor, gen_len: int, last_only: dict[str, int], cache_arg: str
+) -> tuple[float, float]:
     """Seconds for the prefill and for ``gen_len`` cached decode steps (greedy)."""
     device = prompt.device
     _sync(device)
@@ -111,8 +112,16 @@ def _runs_until(count: int, min_time_s: float, run: Callable[[], tuple[float, fl
     return runs
 
 
-def measure_speed(model: nn.Module, prompt_len: int = 128, gen_len: int = 32, repeats: int = 3,
-                  batch_size: int = 1, warmup: int = 1, min_time_s: float = 1.0, seed: int = 0) -> SpeedResult:
+def measure_speed(
+    model: nn.Module,
+    prompt_len: int = 128,
+    gen_len: int = 32,
+    repeats: int = 3,
+    batch_size: int = 1,
+    warmup: int = 1,
+    min_time_s: float = 1.0,
+    seed: int = 0,
+) -> SpeedResult:
     """Time prefill and cached decoding of ``model`` where it lies (its device and dtype), eval mode."""
     prompt_len = _check_int("prompt_len", prompt_len, 1)
     gen_len = _check_int("gen_len", gen_len, 1)
@@ -124,8 +133,10 @@ def measure_speed(model: nn.Module, prompt_len: int = 128, gen_len: int = 32, re
     config = model.config
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and prompt_len + gen_len > max_pos:
-        raise ValueError(f"speed.prompt_len + speed.gen_len = {prompt_len + gen_len} exceeds the model's "
-                         f"max_position_embeddings={max_pos}; allowed: a sum <= {max_pos}")
+        raise ValueError(
+            f"speed.prompt_len + speed.gen_len = {prompt_len + gen_len} exceeds the model's "
+            f"max_position_embeddings={max_pos}; allowed: a sum <= {max_pos}"
+        )
     param = next(model.parameters())
     device = param.device
     generator = torch.Generator().manual_seed(seed)
@@ -136,6 +147,7 @@ def measure_speed(model: nn.Module, prompt_len: int = 128, gen_len: int = 32, re
 
     was_training = model.training
     model.eval()
+
     def run() -> tuple[float, float]:
         return _one_run(model, prompt, gen_len, last_only, cache_arg)
 

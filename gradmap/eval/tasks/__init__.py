@@ -44,9 +44,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "openbookqa": "acc_norm",
 }
 
-RESTORE_HINT = (
-    "restore it with `git checkout -- data/` or `python scripts/convert_data.py --shared ../shared`"
-)
+RESTORE_HINT = "restore it with `git checkout -- data/` or `python scripts/convert_data.py --shared ../shared`"
 
 
 class _TaskYamlLoader(yaml.SafeLoader):
