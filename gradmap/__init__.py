@@ -1,14 +1,34 @@
 """gradmap-bench: prune whole decoder layers out of LLMs with GradMAP and compare layer-pruning methods.
 
-The core (this package's pruning code) imports only torch and transformers::
+The pruning library lives in ``gradmap.core`` (torch and transformers only)::
 
     from gradmap import prune
     result = prune(model, calib_ids, method="gradmap", ratio=0.25)
     result.model, result.removed_layers, result.scores, result.timings
+
+The names below are loaded on first use, so ``import gradmap.report`` (which reads result files only) never
+imports torch.
 """
 
-from gradmap.core.components import METHODS, REPAIRS, SELECTORS
-from gradmap.core.prune import PruneResult, prune, resolve_n_remove
+from __future__ import annotations
 
-__all__ = ["METHODS", "REPAIRS", "SELECTORS", "PruneResult", "prune", "resolve_n_remove"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "PruneResult": "gradmap.core.prune",
+    "prune": "gradmap.core.prune",
+    "resolve_n_remove": "gradmap.core.prune",
+    "METHODS": "gradmap.core.components",
+    "REPAIRS": "gradmap.core.components",
+    "SELECTORS": "gradmap.core.components",
+}
+
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradmap' has no attribute {name!r}")

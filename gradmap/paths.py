@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradmap.core.calib import CalibrationError
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 
@@ -29,5 +27,7 @@ def read_text_file(path: str | Path) -> str:
         raise FileNotFoundError(f"calibration file {str(path)!r} is missing{restore}")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
+        from gradmap.core.calib import CalibrationError  # here, so that reading paths never imports torch
+
         raise CalibrationError(f"calibration file {str(path)!r} is empty")
     return text

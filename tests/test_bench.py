@@ -59,25 +59,54 @@ def synthetic(device: str = "GPU X", with_fb: bool = True, rows: tuple[str, ...]
     floor = {"weights_bytes": 10 * 2**30, "forward": {"seconds": 2.0, "peak_mem_bytes": 11 * 2**30, "repeats": 3}}
     if with_fb:
         floor["forward_backward"] = {"seconds": 6.0, "peak_mem_bytes": 20 * 2**30, "repeats": 3}
-    times = {"gradmap": (45.0, 3.0), "shortgpt": (2.4, 0.0), "taylor_plus": (7.2, 0.0), "sleb": (360.0, 0.0),
-             "streamline": (2.4, 93.6)}
+    times = {
+        "gradmap": (45.0, 3.0),
+        "shortgpt": (2.4, 0.0),
+        "taylor_plus": (7.2, 0.0),
+        "sleb": (360.0, 0.0),
+        "streamline": (2.4, 93.6),
+    }
     out_rows = []
     for name in rows:
         sel, rep = times[name]
-        row = {"label": name, "entry": name, "select_s": sel, "repair_s": rep, "total_s": sel + rep,
-               "peak_mem_bytes": 30 * 2**30, "repeats": 1, "note": "", "removed": [5, 6, 7, 8],
-               "n_remove": 4, "floor_passes": {"fb": stage1_floor_passes(16, 4)} if name == "gradmap" else {"f": 1.0},
-               "info": {"selector": {"step_s": [12.0, 11.25, 10.9, 10.85]},
-                        "repair": {"site": 4, "pass_s": {"shift": 2.0, "fit": 0.6},
-                                   "layer_forwards": {"shift": 19, "fit": 5}}}}
+        row = {
+            "label": name,
+            "entry": name,
+            "select_s": sel,
+            "repair_s": rep,
+            "total_s": sel + rep,
+            "peak_mem_bytes": 30 * 2**30,
+            "repeats": 1,
+            "note": "",
+            "removed": [5, 6, 7, 8],
+            "n_remove": 4,
+            "floor_passes": {"fb": stage1_floor_passes(16, 4)} if name == "gradmap" else {"f": 1.0},
+            "info": {
+                "selector": {"step_s": [12.0, 11.25, 10.9, 10.85]},
+                "repair": {"site": 4, "pass_s": {"shift": 2.0, "fit": 0.6}, "layer_forwards": {"shift": 19, "fit": 5}},
+            },
+        }
         out_rows.append(row)
     cfg = BenchConfig(arch="tiny", device="cpu", methods=("floor", *rows))
     from dataclasses import asdict
 
-    result = {"schema": 1, "meta": {"device": device, "torch": "t", "transformers": "x", "date": "d",
-                                    "command": "c", "peak_mem_kind": "cuda_max_memory_allocated"},
-              "config": asdict(cfg), "model": {"n_layers": 16, "n_remove": 4}, "floor": floor, "rows": out_rows,
-              "errors": {}, "parts": [{"command": f"python -m gradmap.bench --methods {','.join(rows)}"}]}
+    result = {
+        "schema": 1,
+        "meta": {
+            "device": device,
+            "torch": "t",
+            "transformers": "x",
+            "date": "d",
+            "command": "c",
+            "peak_mem_kind": "cuda_max_memory_allocated",
+        },
+        "config": asdict(cfg),
+        "model": {"n_layers": 16, "n_remove": 4},
+        "floor": floor,
+        "rows": out_rows,
+        "errors": {},
+        "parts": [{"command": f"python -m gradmap.bench --methods {','.join(rows)}"}],
+    }
     result["summary"] = summarize(result)
     return result
 
@@ -137,11 +166,29 @@ def test_merge_takes_the_floor_from_the_part_with_a_backward_and_checks_setup():
 
 # ---- tiny end-to-end run -----------------------------------------------------------------------------------------
 
+
 def test_tiny_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "part.json"
-    code = main(["--preset", "cpu", "--arch", "tiny", "--set", "num_hidden_layers=4", "--n-samples", "2",
-                 "--seq-len", "8", "--repeats", "1", "--methods", "floor,gradmap,shortgpt,sleb",
-                 "--out", str(out)])
+    code = main(
+        [
+            "--preset",
+            "cpu",
+            "--arch",
+            "tiny",
+            "--set",
+            "num_hidden_layers=4",
+            "--n-samples",
+            "2",
+            "--seq-len",
+            "8",
+            "--repeats",
+            "1",
+            "--methods",
+            "floor,gradmap,shortgpt,sleb",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["meta"]["command"].startswith("python -m gradmap.bench --preset cpu")
@@ -167,12 +214,18 @@ def test_unknown_method_is_a_one_line_error():
 
 # ---- stage 1: the lean / fused paths against plain autograd ------------------------------------------------------
 
+
 def plain_scores(model, ids, micro: int, norm: str = "l1", aggregate: str = "batch") -> dict[int, float]:
     """G_ℓ from ``torch.autograd.grad`` of each micro-batch's share of the mean loss, summed (batch) or |·| per
     micro-batch (microbatch_abs), over every parameter of the seven projections (biases too, where present)."""
-    params = {i: [p for name in LINEAR_NAMES for p in getattr(getattr(layer, "self_attn" if name in LINEAR_NAMES[:4]
-                                                                      else "mlp"), name).parameters()]
-              for i, layer in enumerate(decoder_layers(model))}
+    params = {
+        i: [
+            p
+            for name in LINEAR_NAMES
+            for p in getattr(getattr(layer, "self_attn" if name in LINEAR_NAMES[:4] else "mlp"), name).parameters()
+        ]
+        for i, layer in enumerate(decoder_layers(model))
+    }
     flat = [p for ps in params.values() for p in ps]
     total = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in flat}
     for mb in torch.split(ids, micro):
@@ -195,8 +248,10 @@ def assert_scores_close(got: dict[int, float], want: dict[int, float], rel: floa
         assert got[layer] == pytest.approx(want[layer], rel=rel), layer
 
 
-@pytest.mark.parametrize("micro, wgrad, norm", [(1, "fused", "l1"), (2, "fused", "l2"), (1, "hook", "l1"),
-                                                (4, "hook", "l2"), (4, "fused", "l1")])
+@pytest.mark.parametrize(
+    "micro, wgrad, norm",
+    [(1, "fused", "l1"), (2, "fused", "l2"), (1, "hook", "l1"), (4, "hook", "l2"), (4, "fused", "l1")],
+)
 def test_lean_stage1_equals_plain_grad_scores(micro, wgrad, norm):
     model, ids = make_tiny(4), make_calib(4, 12)
     want = plain_scores(model, ids, micro, norm)
@@ -226,8 +281,10 @@ def test_microbatch_abs_is_the_sum_of_per_microbatch_magnitudes():
 def test_fused_path_never_materialises_a_gradient():
     model, ids = make_tiny(4), make_calib(4, 12)
     materialised = []  # autograd still calls the hook (with no gradient) for an input whose gradient is None
-    handles = [p.register_post_accumulate_grad_hook(lambda p: materialised.append(p.grad is not None))
-               for p in model.parameters()]
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda p: materialised.append(p.grad is not None))
+        for p in model.parameters()
+    ]
     GradMAPSelector(micro_batch_size=1, wgrad_accum="fused").select(model, ids, 2)
     for h in handles:
         h.remove()
@@ -236,8 +293,15 @@ def test_fused_path_never_materialises_a_gradient():
 
 def test_fused_handles_biases_and_checkpointing():
     """Qwen2 has q/k/v biases (scored with their weights); gradient checkpointing re-runs the fused forward."""
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).eval()
     ids = make_calib(4, 12)
@@ -264,6 +328,7 @@ def test_loss_check_names_the_microbatch_after_the_step():
 
 # ---- stage 2: lockstep passes against separate dense and pruned forwards -----------------------------------------
 
+
 def reference_projection(model, ids, removed, repair: ProjectionRepair):
     """Shifts, site and P from one full dense and one full pruned forward of all windows at once (no lockstep)."""
     layers = decoder_layers(model)
@@ -274,8 +339,11 @@ def reference_projection(model, ids, removed, repair: ProjectionRepair):
     def run(alive):
         outs, downs, hooks = {}, {}, []
         for i in alive:
-            hooks.append(layers[i].register_forward_hook(
-                lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
+            hooks.append(
+                layers[i].register_forward_hook(
+                    lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+                )
+            )
             hooks.append(layers[i].mlp.down_proj.register_forward_hook(lambda m, a, o, i=i: downs.__setitem__(i, o)))
         with active_layers(model, alive), torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -295,8 +363,11 @@ def reference_projection(model, ids, removed, repair: ProjectionRepair):
         ref = token_sum(dense[nxt[j] - 1 if repair.shift_ref == "next_input" else j])
         diff = float(torch.linalg.vector_norm(token_sum(pruned[j]) - ref))
         shifts[j] = diff / float(torch.linalg.vector_norm(ref)) if repair.shift_stat == "relative" else diff
-    site = repair.choose_site(shifts, nxt, removed) if repair.site != "max_shift" else \
-        max(shifts, key=lambda j: (shifts[j], -j))
+    site = (
+        repair.choose_site(shifts, nxt, removed)
+        if repair.site != "max_shift"
+        else max(shifts, key=lambda j: (shifts[j], -j))
+    )
     d = model.config.hidden_size
     x = pruned_down[site][:, skip:].reshape(-1, d).double()
     y = dense[nxt[site] - 1][:, skip:].reshape(-1, d).double() - pruned[site][:, skip:].reshape(-1, d).double() + x
@@ -304,12 +375,19 @@ def reference_projection(model, ids, removed, repair: ProjectionRepair):
     return shifts if repair.site == "max_shift" else {}, site, p
 
 
-@pytest.mark.parametrize("removed, micro, options", [
-    ([2, 3], 1, {}), ([2, 3], 3, {"shift_stat": "rms", "skip_first_tokens": 1}),
-    ([0, 5], 1, {}), ([0, 5], 3, {"site": "first_after_cut"}),  # first cut at 0: no cached stream
-    ([3, 7], 3, {}), ([3, 7], 1, {"shift_ref": "same_layer"}),  # last layer removed
-    ([1, 4, 6], 1, {}), ([1, 4, 6], 3, {"site": "last_before_cut", "shift_stat": "absolute"}),
-])
+@pytest.mark.parametrize(
+    "removed, micro, options",
+    [
+        ([2, 3], 1, {}),
+        ([2, 3], 3, {"shift_stat": "rms", "skip_first_tokens": 1}),
+        ([0, 5], 1, {}),
+        ([0, 5], 3, {"site": "first_after_cut"}),  # first cut at 0: no cached stream
+        ([3, 7], 3, {}),
+        ([3, 7], 1, {"shift_ref": "same_layer"}),  # last layer removed
+        ([1, 4, 6], 1, {}),
+        ([1, 4, 6], 3, {"site": "last_before_cut", "shift_stat": "absolute"}),
+    ],
+)
 def test_lockstep_projection_equals_separate_forwards(removed, micro, options):
     ids = make_calib(4, 12)  # micro=3 splits it 3 + 1: the cached stream is per micro-batch
     model = make_tiny(8)
@@ -322,8 +400,12 @@ def test_lockstep_projection_equals_separate_forwards(removed, micro, options):
     assert info["shifts"].keys() == shifts.keys()
     for j in shifts:
         assert info["shifts"][j] == pytest.approx(shifts[j], rel=1e-9, abs=1e-12), j
-    torch.testing.assert_close(model.model.layers[site].mlp.down_proj.weight,
-                               reference.model.layers[site].mlp.down_proj.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model.model.layers[site].mlp.down_proj.weight,
+        reference.model.layers[site].mlp.down_proj.weight,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert not any(m._forward_hooks for m in model.modules())
 
 

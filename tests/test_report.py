@@ -25,26 +25,70 @@ from gradmap.report import (
 )
 
 MODEL, EVAL, L = "toy", "quick", 8
-SPEED = {"prompt_len": 16, "gen_len": 4, "batch_size": 1, "repeats": 1, "device": "cpu", "dtype": "float32",
-         "threads": 2}
+SPEED = {
+    "prompt_len": 16,
+    "gen_len": 4,
+    "batch_size": 1,
+    "repeats": 1,
+    "device": "cpu",
+    "dtype": "float32",
+    "threads": 2,
+}
 
 
-def record(method: str, n_remove: int, boolq: float, piqa: float, ppl: float, select_s: float, repair_s: float,
-           prefill: float = 100.0, repair_name: str | None = None, removed: list[int] | None = None,
-           **extra) -> dict:
+def record(
+    method: str,
+    n_remove: int,
+    boolq: float,
+    piqa: float,
+    ppl: float,
+    select_s: float,
+    repair_s: float,
+    prefill: float = 100.0,
+    repair_name: str | None = None,
+    removed: list[int] | None = None,
+    **extra,
+) -> dict:
     """A result.json as the pipeline writes it (only the keys the report reads, plus a few)."""
     name = f"{MODEL}-{method}-{'dense' if method == 'none' else f'n{n_remove}'}"
     rec = {
-        "status": "ok", "job_id": f"id{abs(hash(name)) % 10**6}", "job_name": name, "sweep": "synthetic",
-        "model": MODEL, "method": method, "repair": repair_name or "none", "n_layers": L, "n_remove": n_remove,
-        "ratio": n_remove / L, "removed_layers": removed if removed is not None else list(range(L - n_remove, L)),
-        "params_before": 1000, "params_after": 1000 - 100 * n_remove,
-        "timing": {"select_s": select_s, "repair_s": repair_s, "prune_s": select_s + repair_s,
-                   "peak_mem_bytes": 2**30, "peak_mem_kind": "process_peak_rss", "device": "cpu (x86_64, 2 threads)"},
-        "metrics": {"boolq": boolq, "boolq/acc": boolq, "boolq/acc_norm": None, "boolq/acc_stderr": 0.01,
-                    "boolq/n": 1000, "piqa": piqa, "piqa/acc": piqa, "piqa/acc_norm": piqa - 0.01,
-                    "piqa/acc_stderr": 0.01, "piqa/n": 1000, "avg": 50 * (boolq + piqa),
-                    "wikitext2_ppl": ppl, "ppl_window": 128, "eval_preset": EVAL},
+        "status": "ok",
+        "job_id": f"id{abs(hash(name)) % 10**6}",
+        "job_name": name,
+        "sweep": "synthetic",
+        "model": MODEL,
+        "method": method,
+        "repair": repair_name or "none",
+        "n_layers": L,
+        "n_remove": n_remove,
+        "ratio": n_remove / L,
+        "removed_layers": removed if removed is not None else list(range(L - n_remove, L)),
+        "params_before": 1000,
+        "params_after": 1000 - 100 * n_remove,
+        "timing": {
+            "select_s": select_s,
+            "repair_s": repair_s,
+            "prune_s": select_s + repair_s,
+            "peak_mem_bytes": 2**30,
+            "peak_mem_kind": "process_peak_rss",
+            "device": "cpu (x86_64, 2 threads)",
+        },
+        "metrics": {
+            "boolq": boolq,
+            "boolq/acc": boolq,
+            "boolq/acc_norm": None,
+            "boolq/acc_stderr": 0.01,
+            "boolq/n": 1000,
+            "piqa": piqa,
+            "piqa/acc": piqa,
+            "piqa/acc_norm": piqa - 0.01,
+            "piqa/acc_stderr": 0.01,
+            "piqa/n": 1000,
+            "avg": 50 * (boolq + piqa),
+            "wikitext2_ppl": ppl,
+            "ppl_window": 128,
+            "eval_preset": EVAL,
+        },
         "speed": {**SPEED, "prefill_tok_s": prefill, "decode_tok_s": prefill / 10, "latency_s": 1.0},
         "config": {"repair": {"name": repair_name}, "eval": {"name": EVAL}},
         "finished_at": "2026-01-01T00:00:00+00:00",
@@ -67,17 +111,38 @@ def sweep(tmp_path_factory) -> Path:
     recs = [
         record("none", 0, 0.80, 0.70, 10.0, 0.0, 0.0, prefill=100.0, removed=[]),
         # 25% (2 of 8): GradMAP 10 s; speedups 0.1, 0.3, 6, 4 -> mean 2.6, geo-mean 0.72 ** 0.25
-        record("gradmap", 2, 0.70, 0.60, 15.0, 8.0, 2.0, prefill=150.0, repair_name=None, removed=[5, 6],
-               scores=[{str(i): float(i + 1) for i in range(L)}],
-               repair_info={"site": 3, "shifts": shifts}),
+        record(
+            "gradmap",
+            2,
+            0.70,
+            0.60,
+            15.0,
+            8.0,
+            2.0,
+            prefill=150.0,
+            repair_name=None,
+            removed=[5, 6],
+            scores=[{str(i): float(i + 1) for i in range(L)}],
+            repair_info={"site": 3, "shifts": shifts},
+        ),
         record("shortgpt", 2, 0.60, 0.60, 20.0, 1.0, 0.0),
         record("taylor_plus", 2, 0.75, 0.65, 12.0, 3.0, 0.0),
         record("sleb", 2, 0.70, 0.60, 14.0, 60.0, 0.0),
         record("streamline", 2, 0.70, 0.62, 16.0, 30.0, 10.0),
         record("random", 2, 0.50, 0.50, 90.0, 0.01, 0.0),
         # 50% (4 of 8): every method 50 s vs GradMAP 10 s -> mean 5.0 = geo-mean
-        record("gradmap", 4, 0.60, 0.55, 30.0, 8.0, 2.0, removed=[1, 4, 5, 6],
-               scores=[{str(i): float(i + 1) for i in range(L)}], repair_info={"site": 2, "shifts": shifts}),
+        record(
+            "gradmap",
+            4,
+            0.60,
+            0.55,
+            30.0,
+            8.0,
+            2.0,
+            removed=[1, 4, 5, 6],
+            scores=[{str(i): float(i + 1) for i in range(L)}],
+            repair_info={"site": 2, "shifts": shifts},
+        ),
         *[record(m, 4, 0.55, 0.55, 40.0, 50.0, 0.0) for m in DEFAULT_AVERAGING],
     ]
     for rec in recs:
@@ -162,8 +227,10 @@ def test_verdict_says_when_the_claim_fails(report):
     assert "does not lose less accuracy than every method here**." in text  # taylor_plus's 5-point lead is real
     assert "timings are from a CPU" in text
     # decode tok/s = prefill / 10: GradMAP 15 vs dense 10; the other 5 methods at 2 of 8 layers 10 -> 1.00x
-    assert ("decodes 1.50× as fast as dense; over the 6 methods with this layer count 1.00–1.50× (the same "
-            "architecture, so the spread is measurement noise)") in text
+    assert (
+        "decodes 1.50× as fast as dense; over the 6 methods with this layer count 1.00–1.50× (the same "
+        "architecture, so the spread is measurement noise)"
+    ) in text
     assert "fixed per-call overheads" not in text, "GradMAP's 10 s is not below the short-timing threshold"
 
 
@@ -204,15 +271,18 @@ def test_sweep_without_gradmap_or_dense_still_reports(tmp_path):
     assert "No verdict" in files.verdict.read_text()
 
 
-
 def test_verdict_qualifies_short_times_and_gaps_within_noise(tmp_path):
     root = tmp_path / "fast"
-    for rec in (record("none", 0, 0.8, 0.7, 10.0, 0.0, 0.0, removed=[]),
-                record("gradmap", 2, 0.7, 0.6, 15.0, 1.5, 0.5, removed=[5, 6]),
-                record("taylor_plus", 2, 0.71, 0.6, 20.0, 0.5, 0.0)):
+    for rec in (
+        record("none", 0, 0.8, 0.7, 10.0, 0.0, 0.0, removed=[]),
+        record("gradmap", 2, 0.7, 0.6, 15.0, 1.5, 0.5, removed=[5, 6]),
+        record("taylor_plus", 2, 0.71, 0.6, 20.0, 0.5, 0.0),
+    ):
         write(root, rec)
     text = (build(root, tmp_path / "report").out / "verdict.md").read_text()
     assert "GradMAP prunes in 2 s here, where fixed per-call overheads weigh as much as the passes" in text
     # 65.0 vs 65.5: behind by 0.5 pts, less than the 2-SE noise of 2.0 pts, so the verdict qualifies itself
-    assert ("does not lose less accuracy than every method here** — though every gap is within noise at this "
-            "evaluation size.") in text
+    assert (
+        "does not lose less accuracy than every method here** — though every gap is within noise at this "
+        "evaluation size."
+    ) in text

@@ -1,0 +1,149 @@
+"""build(): every table, plot, the verdict and the index of one sweep folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gradmap.report.common import CLAIM, DEFAULT_AVERAGING
+from gradmap.report.plots import (
+    plot_gradmap_stages,
+    plot_metric_vs_ratio,
+    plot_pareto,
+    plot_pruning_time,
+    plot_removed_layers,
+)
+from gradmap.report.rows import aggregate, load
+from gradmap.report.table import (
+    Averaging,
+    display,
+    display_columns,
+    main_caption,
+    main_table,
+    speedup_table,
+    speedup_view,
+    write_table,
+)
+from gradmap.report.verdicts import verdict
+
+
+@dataclass
+class ReportFiles:
+    """What :func:`build` wrote, for the caller and the tests."""
+
+    out: Path
+    tables: list[Path] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    verdict: Path | None = None
+    index: Path | None = None
+    main: pd.DataFrame | None = None
+    speedup: pd.DataFrame | None = None
+
+
+def parse_averaging(value: str | None) -> Averaging:
+    if value is None:
+        return Averaging(DEFAULT_AVERAGING)
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if names == ("all",):
+        return Averaging((), all_present=True)
+    if not names:
+        raise ValueError(f"--speedup-baselines {value!r} is empty; allowed: comma-separated methods or 'all'")
+    return Averaging(names)
+
+
+def tables(
+    sweep_dir: Path, averaging: Averaging
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """(main table, speedup table, job states, ok records) of one sweep folder, nothing written."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep folder {str(sweep_dir)!r} does not exist; give runs/<sweep>")
+    rows, jobs, records = load(sweep_dir)
+    if rows.empty:
+        raise ValueError(f"no ok result.json under {sweep_dir} ({len(jobs)} job folders); nothing to report")
+    main = main_table(aggregate(rows), averaging)
+    return main, speedup_table(main, averaging), jobs, records
+
+
+def build(
+    sweep_dir: str | Path, out: str | Path | None = None, averaging: Averaging | None = None, claim: float = CLAIM
+) -> ReportFiles:
+    """Write every table, plot and the verdict for one sweep folder."""
+    sweep_dir = Path(sweep_dir)
+    averaging = averaging or Averaging(DEFAULT_AVERAGING)
+    main, speed, jobs, records = tables(sweep_dir, averaging)
+    files = ReportFiles(Path(out) if out else sweep_dir / "report")
+    files.out.mkdir(parents=True, exist_ok=True)
+    files.main, files.speedup = main, speed
+    raw_cols = [c for c in main.columns if c not in ("removed_layers",)] + ["removed_layers"]
+    raw = main[raw_cols].assign(removed_layers=main["removed_layers"].map(lambda t: " ".join(map(str, t))))
+    files.tables += write_table(
+        display(main, display_columns(main, averaging)), raw, files.out, "main", main_caption(main, averaging)
+    )
+    if not speed.empty:
+        files.tables += write_table(
+            speedup_view(speed),
+            speed,
+            files.out,
+            "speedup",
+            f"GradMAP speedup = t_method / t_GradMAP per model × ratio; mean and geometric "
+            f"mean over [{averaging.label}].",
+        )
+    jobs.to_csv(files.out / "jobs.csv", index=False)
+    files.tables.append(files.out / "jobs.csv")
+
+    files.plots += plot_metric_vs_ratio(main, files.out, "avg", "accuracy_vs_ratio", "average accuracy (%)", False)
+    if main["ppl"].notna().any():
+        windows = main["ppl_window"].dropna().unique()
+        window = f"window {int(windows[0])} tokens, " if len(windows) == 1 else ""
+        files.plots += plot_metric_vs_ratio(
+            main, files.out, "ppl", "ppl_vs_ratio", f"WikiText-2 perplexity ({window}log scale)", True
+        )
+    files.plots += plot_pruning_time(main, files.out)
+    files.plots += plot_pareto(main, files.out)
+    files.plots += plot_removed_layers(main, files.out)
+    files.plots += plot_gradmap_stages(records, main, files.out)
+
+    files.verdict = files.out / "verdict.md"
+    files.verdict.write_text(verdict(main, speed, averaging, claim), encoding="utf-8")
+    files.index = files.out / "README.md"
+    files.index.write_text(index_md(sweep_dir, files, jobs), encoding="utf-8")
+    return files
+
+
+def index_md(sweep_dir: Path, files: ReportFiles, jobs: pd.DataFrame) -> str:
+    counts = jobs["status"].value_counts().to_dict()
+    lines = [
+        f"# Report: {sweep_dir.name}",
+        "",
+        f"{len(jobs)} job folders: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ".",
+        "",
+    ]
+    bad = jobs[jobs["status"] != "ok"]
+    if not bad.empty:
+        lines += [
+            "Not in the tables (rerun the sweep to retry them):",
+            "",
+            bad[["job", "status", "error"]].fillna("").to_markdown(index=False),
+            "",
+        ]
+    main_md = (files.out / "main.md").read_text(encoding="utf-8")
+    lines += [
+        "## Main table",
+        "",
+        main_md,
+        "## Verdict",
+        "",
+        "See [verdict.md](verdict.md).",
+        "",
+        "## Files",
+        "",
+        "Tables: " + ", ".join(f"`{p.name}`" for p in files.tables),
+        "",
+        "Plots: " + ", ".join(f"`{p.name}`" for p in files.plots if p.suffix == ".png") + " (each also as PDF)",
+        "",
+    ]
+    lines += [f"![{p.stem}]({p.name})" for p in files.plots if p.suffix == ".png"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,119 @@
+"""Reading a sweep: one flat row per ok result.json, job states, and rows aggregated per cell."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradmap.eval.tasks import PRIMARY_METRIC, TASK_NAMES
+from gradmap.report.common import DENSE, GIB, METHOD_ORDER
+from gradmap.results import read_result
+from gradmap.sweep import scan
+
+
+def variant_of(record: dict[str, Any]) -> str:
+    """The row label: the method, plus ``+repair`` when the sweep overrode its default repair."""
+    method = str(record.get("method"))
+    override = ((record.get("config") or {}).get("repair") or {}).get("name")
+    return method if method == DENSE or not override else f"{method}+{override}"
+
+
+def _primary_metric(metrics: dict[str, Any], task: str) -> str:
+    """Which metric the record's ``<task>`` value is (an eval preset may override the metric map)."""
+    value = metrics.get(task)
+    matches = [m for m in ("acc", "acc_norm") if metrics.get(f"{task}/{m}") == value]
+    return matches[0] if len(matches) == 1 else PRIMARY_METRIC.get(task, "acc")
+
+
+def row_of(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat row per ok result (fractions stay fractions; scaling is for display)."""
+    metrics = record.get("metrics") or {}
+    timing = record.get("timing") or {}
+    speed = record.get("speed") or {}
+    config = record.get("config") or {}
+    tasks = [t for t in TASK_NAMES if t in metrics]
+    stderrs = [metrics.get(f"{t}/{_primary_metric(metrics, t)}_stderr") for t in tasks]
+    avg_se = (
+        100 * math.sqrt(sum(s * s for s in stderrs)) / len(tasks)
+        if tasks and all(isinstance(s, (int, float)) and math.isfinite(s) for s in stderrs)
+        else np.nan
+    )
+    n_layers, n_remove = record.get("n_layers"), record.get("n_remove", 0)
+    row = {
+        "model": record.get("model"),
+        "eval": metrics.get("eval_preset") or (config.get("eval") or {}).get("name"),
+        "method": record.get("method"),
+        "variant": variant_of(record),
+        "repair": record.get("repair"),
+        "n_layers": n_layers,
+        "n_remove": n_remove,
+        "ratio": n_remove / n_layers if n_layers else np.nan,
+        **{t: metrics.get(t, np.nan) for t in TASK_NAMES},
+        "items_per_task": min((metrics.get(f"{t}/n") or 0 for t in tasks), default=np.nan),
+        "metric_map": ";".join(f"{t}={_primary_metric(metrics, t)}" for t in tasks),
+        "avg": metrics.get("avg", np.nan),
+        "avg_se": avg_se,
+        "ppl": metrics.get("wikitext2_ppl", np.nan),
+        "ppl_window": metrics.get("ppl_window", np.nan),
+        "select_s": timing.get("select_s", np.nan),
+        "repair_s": timing.get("repair_s", np.nan),
+        "prune_s": timing.get("prune_s", np.nan),
+        "peak_mem_gib": timing.get("peak_mem_bytes", np.nan) / GIB if timing.get("peak_mem_bytes") else np.nan,
+        "peak_mem_kind": timing.get("peak_mem_kind"),
+        "device": timing.get("device"),
+        "params_before": record.get("params_before", np.nan),
+        "params_after": record.get("params_after", np.nan),
+        "prefill_tok_s": speed.get("prefill_tok_s", np.nan),
+        "decode_tok_s": speed.get("decode_tok_s", np.nan),
+        "latency_s": speed.get("latency_s", np.nan),
+        "speed_setup": (
+            f"{speed.get('prompt_len')}+{speed.get('gen_len')} tok, batch {speed.get('batch_size')}, "
+            f"{speed.get('device')}, {speed.get('dtype')}, {speed.get('threads')} threads"
+            if speed
+            else None
+        ),
+        "removed_layers": tuple(sorted(record.get("removed_layers") or ())),
+        "job_name": record.get("job_name"),
+        "reused_from": record.get("reused_from"),
+    }
+    return row
+
+
+def load(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """(ok rows, every job's status, the ok records) of one sweep folder."""
+    states = scan(sweep_dir)
+    jobs = pd.DataFrame(
+        [
+            {"job": s.name, "status": s.status, "error": s.error, "folder": str(s.dir), "reused_from": s.reused_from}
+            for s in states
+        ],
+        columns=["job", "status", "error", "folder", "reused_from"],
+    )
+    records = [r for s in states if s.status == "ok" and (r := read_result(s.dir)) is not None]
+    rows = pd.DataFrame([row_of(r) for r in records])
+    return rows, jobs, records
+
+
+def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per model × eval × variant × layer count: metrics averaged, times as medians, runs counted."""
+    keys = ["model", "eval", "variant", "n_remove"]
+    medians = {"select_s", "repair_s", "prune_s", "peak_mem_gib", "prefill_tok_s", "decode_tok_s", "latency_s"}
+    spec: dict[str, Any] = {}
+    for col in rows.columns:
+        if col in keys:
+            continue
+        if col in medians:
+            spec[col] = "median"
+        elif pd.api.types.is_numeric_dtype(rows[col]):
+            spec[col] = "mean"
+        else:
+            spec[col] = "first"
+    out = rows.groupby(keys, sort=False, dropna=False).agg(spec)
+    out["runs"] = rows.groupby(keys, sort=False, dropna=False).size()
+    out = out.reset_index()
+    out["order"] = out["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    return out.sort_values(["model", "eval", "n_remove", "order", "variant"], kind="stable").drop(columns="order")
