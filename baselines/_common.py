@@ -75,7 +75,7 @@ def stream_statistic(
         for mb in tqdm(batches, desc=desc, unit="batch", leave=False):
             states = layer_inputs_and_final(model, mb.to(device))
             for key, (a, b) in pairs.items():
-                values = statistic(states[a], states[b]).double()
+                values = statistic(states[a], states[b].to(states[a].device)).double()
                 sums[key] = sums[key] + values.sum() if key in sums else values.sum()
                 counts[key] += values.numel()
     return {key: float(sums[key]) / counts[key] for key in pairs}, len(batches)

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines._common import contiguous_cut
+from gradmap.core.adapters import adapter
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import capture, first_tensor, forward_quietly
 from gradmap.core.components import REPAIRS, NonFiniteError, Repair, calibration_nll, model_device
@@ -118,6 +119,19 @@ class LayerReplaceRepair(Repair):
         if self.train_samples is not None and self.train_samples < 1:
             raise ValueError(f"repair 'layer_replace': train_samples must be >= 1 or null, got {self.train_samples}")
 
+    def part(self, model: nn.Module, layer: nn.Module) -> nn.Module:
+        """What is trained: the whole block, or its MLP branch (``module=ffn``) as the model's adapter finds it."""
+        if self.module == "decoder_layer":
+            return layer
+        adapt = adapter(model)
+        mlp = adapt.mlp(layer)
+        if mlp is None:
+            raise ValueError(
+                f"repair 'layer_replace': module=ffn needs the MLP as one submodule, but model type "
+                f"{adapt.model_type!r} keeps its MLP linears on the block; use module=decoder_layer"
+            )
+        return mlp
+
     # -- data -----------------------------------------------------------------------------------------------------
     def split(self, calib_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded (train, validation) windows out of the first ``train_samples`` of a seeded permutation."""
@@ -146,7 +160,7 @@ class LayerReplaceRepair(Repair):
             _capture_call(layers[lo]) as call,
             capture({"target": layers[hi]}, "output", stop_at=layers[hi]) as out,
         ):
-            forward_quietly(model.model, ids.to(model_device(model)))
+            forward_quietly(adapter(model).body, ids.to(model_device(model)))
         return call["hidden"], call["kwargs"], out["target"]
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class LayerReplaceRepair(Repair):
         train_ids, val_ids = self.split(calib_ids)
         target_layer = layers[keep]
         student = copy.deepcopy(target_layer).float()  # fp32 master copy; the model stays the dense teacher
-        trained = student.mlp if self.module == "ffn" else student
+        trained = self.part(model, student)
         params = list(trained.parameters())
         wanted = {id(p) for p in params}
         for p in student.parameters():
@@ -226,7 +240,7 @@ class LayerReplaceRepair(Repair):
             trained.load_state_dict(best[2])
 
         # Copy the trained weights into the model's layer (in its dtype) and keep the originals for diagnostics.
-        target_part = target_layer.mlp if self.module == "ffn" else target_layer
+        target_part = self.part(model, target_layer)
         with torch.no_grad():
             self._original = {k: v.detach().clone() for k, v in target_part.state_dict().items()}
             target_part.load_state_dict(trained.state_dict())  # copies, casting fp32 to the model's dtype

@@ -21,13 +21,15 @@ from gradmap.bench import (
     stage1_floor_passes,
     summarize,
 )
-from gradmap.core.grads import LINEAR_NAMES
+from gradmap.core.adapters import merge_output_transform
 from gradmap.core.layers import active_layers, decoder_layers
 from gradmap.core.stage1 import GradMAPSelector
-from gradmap.core.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
+from gradmap.core.stage2 import ProjectionRepair, next_survivor_map, solve_projection
 from tests.conftest import VOCAB, make_calib, make_tiny
 
 # ---- floor formulas --------------------------------------------------------------------------------------------
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama block
 
 
 def test_stage1_floor_is_the_shrinking_model_pass_count():
@@ -394,7 +396,7 @@ def test_lockstep_projection_equals_separate_forwards(removed, micro, options):
     repair = ProjectionRepair(micro_batch_size=micro, **options)
     shifts, site, p = reference_projection(model, ids, removed, repair)
     reference = make_tiny(8)
-    merge_into_down_proj(reference.model.layers[site], p)
+    merge_output_transform(reference.model.layers[site].mlp.down_proj, p)
     info = repair.apply(model, ids, removed)
     assert info["site"] == site
     assert info["shifts"].keys() == shifts.keys()

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from gradmap import prune, resolve_n_remove
+from gradmap.core.adapters import merge_output_transform
 from gradmap.core.components import NonFiniteError
-from gradmap.core.grads import LINEAR_NAMES
 from gradmap.core.layers import decoder_layers
 from gradmap.core.stage1 import GradMAPSelector
-from gradmap.core.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
+from gradmap.core.stage2 import ProjectionRepair, next_survivor_map, solve_projection
 from tests.conftest import make_calib, make_tiny, plant_identity
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama block
 
 
 def direct_gradmap_scores(model, ids) -> dict[int, float]:
@@ -178,7 +180,7 @@ def test_merged_weights_equal_an_explicit_matrix_on_the_branch():
     with torch.no_grad():
         explicit = model(input_ids=ids).logits
     handle.remove()
-    merge_into_down_proj(model.model.layers[2], p)
+    merge_output_transform(model.model.layers[2].mlp.down_proj, p)
     with torch.no_grad():
         merged = model(input_ids=ids).logits
     torch.testing.assert_close(merged, explicit, rtol=1e-5, atol=1e-5)

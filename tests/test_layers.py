@@ -106,7 +106,7 @@ def test_unsupported_architecture_names_supported_families():
     from transformers import BertConfig, BertModel
 
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match=r"model type 'bert' cannot be layer-pruned here: .*no language"):
         decoder_layers(bert)
 
 

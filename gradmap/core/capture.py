@@ -79,10 +79,11 @@ def layer_inputs_and_final(model: nn.Module, input_ids: torch.Tensor) -> list[to
 
     ``result[l]`` is the input of layer ``l`` and ``result[L]`` the pre-final-norm output; no logits are computed.
     """
-    from gradmap.core.layers import decoder_layers
+    from gradmap.core.adapters import adapter
 
-    layers = decoder_layers(model)
+    adapt = adapter(model)
+    layers = adapt.layers
     named = {str(i): layer for i, layer in enumerate(layers)}
     with capture(named, "input") as inputs, capture({"last": layers[-1]}, "output", stop_at=layers[-1]) as last:
-        forward_quietly(model.model, input_ids)
+        forward_quietly(adapt.body, input_ids)
     return [inputs[str(i)] for i in range(len(layers))] + [last["last"]]

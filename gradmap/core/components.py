@@ -164,7 +164,13 @@ REPAIRS.add("none", NoRepair)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where input ids go: the input embedding's device, or its execution device under accelerate offload."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None or getattr(model, "hf_device_map", None) is None:
+        return next(model.parameters()).device
+    hook = getattr(embed, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else embed.weight.device
 
 
 @torch.inference_mode()

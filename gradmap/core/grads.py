@@ -16,16 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from gradmap.core.adapters import is_linear
+
+
+def block_linears(layer: nn.Module) -> list[nn.Module]:
+    """Every linear of a decoder block (Llama: the seven projections; GPT-2: its Conv1D layers), any family."""
+    return [m for m in layer.modules() if is_linear(m)]
 
 
 def scored_parameters(layer: nn.Module, include_norms: bool = False) -> list[nn.Parameter]:
-    """The weights GradMAP scores in one decoder layer: the seven linears, optionally the two norms."""
-    params = []
-    for module_name, module in layer.named_modules():
-        leaf = module_name.rsplit(".", 1)[-1]
-        if leaf in LINEAR_NAMES or (include_norms and leaf.endswith("layernorm")):
-            params.extend(p for p in module.parameters(recurse=False))
+    """The weights GradMAP scores in one decoder layer: its linears, optionally the norms around its branches
+    (the block's own norm children such as ``input_layernorm``/``ln_1``, not Qwen3's q_norm inside attention)."""
+    modules = block_linears(layer)
+    if include_norms:
+        modules += [m for m in layer.children() if "norm" in type(m).__name__.lower()]
+    params = [p for module in modules for p in module.parameters(recurse=False)]
     if not params:
         raise ValueError(f"no scorable weights found in {type(layer).__name__}")
     return params
@@ -199,7 +204,7 @@ class FusedWeightGradScorer:
         self.buffers: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.numel: dict[int, int] = {}
         for idx, layer in layers.items():
-            linears = [m for name, m in layer.named_modules() if name.rsplit(".", 1)[-1] in LINEAR_NAMES]
+            linears = block_linears(layer)
             if not linears or not all(isinstance(m, nn.Linear) for m in linears):
                 raise ValueError(f"wgrad_accum=fused needs nn.Linear projections in {type(layer).__name__}")
             self.modules[idx] = linears

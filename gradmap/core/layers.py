@@ -1,9 +1,10 @@
 """Decoder-layer surgery: find the layer list, remove layers for good, or hide them for a while.
 
-Removal must leave a model that stock transformers code handles: generation with a KV cache indexes caches by
-``self_attn.layer_idx`` and sizes them from ``config.num_hidden_layers``/``config.layer_types``, and
+Removal must leave a model that stock transformers code handles: generation with a KV cache indexes caches by each
+attention module's ``layer_idx`` and sizes them from the config's layer count and ``layer_types``, and
 ``save_pretrained`` → ``from_pretrained`` must rebuild the same architecture. So removal renumbers every
-``layer_idx`` and rewrites the config; nothing custom is left behind.
+``layer_idx``, shortens every per-layer config list and sets the layer count; nothing custom is left behind. Where
+the stack lives and which config fields are per layer comes from :mod:`gradmap.core.adapters`.
 """
 
 from __future__ import annotations
@@ -13,54 +14,35 @@ from contextlib import contextmanager
 
 from torch import nn
 
-# Families whose decoder layers live at ``model.model.layers`` with the Llama block layout
-# (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, two RMSNorms) that every method here relies on.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from gradmap.core.adapters import UnsupportedModelError, adapter, text_config
 
-
-class UnsupportedModelError(ValueError):
-    """The model has no decoder-layer list this suite knows how to prune."""
+__all__ = ["UnsupportedModelError", "active_layers", "decoder_layers", "num_layers", "parameter_count", "remove_layers"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers, or a one-line error naming the supported families."""
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if model_type not in SUPPORTED_FAMILIES or not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({type(model).__name__}) has no decoder-layer list this suite supports; "
-            f"supported families: {', '.join(SUPPORTED_FAMILIES)} (decoder-only causal LMs with model.model.layers)."
-        )
-    return layers
+    """The model's list of decoder layers, or a one-line error naming the model type and why it is refused."""
+    return adapter(model).layers
 
 
 def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
-def _set_layer_list(model: nn.Module, layers: Sequence[nn.Module]) -> None:
-    """Install ``layers`` as the decoder list and make indices and config agree with it."""
-    config = model.config
-    old_types = list(getattr(config, "layer_types", None) or [])
-    new_types = []
-    for new_idx, layer in enumerate(layers):
-        old_idx = _layer_index(layer)
-        if old_types and old_idx is not None and old_idx < len(old_types):
-            new_types.append(old_types[old_idx])
+def _set_layer_list(model: nn.Module, keep: Sequence[int]) -> None:
+    """Keep the layers at current indices ``keep`` (in order); make indices and config agree with the new list."""
+    adapt = adapter(model)
+    layers = adapt.layers
+    fields = adapt.per_layer_fields()
+    chosen = [layers[i] for i in keep]
+    for new_idx, layer in enumerate(chosen):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
-    model.model.layers = nn.ModuleList(layers)
-    config.num_hidden_layers = len(layers)
-    if old_types:
-        config.layer_types = new_types
-
-
-def _layer_index(layer: nn.Module) -> int | None:
-    attn = getattr(layer, "self_attn", None)
-    idx = getattr(attn, "layer_idx", None)
-    return idx if isinstance(idx, int) else None
+    adapt.set_layers(nn.ModuleList(chosen))
+    config = text_config(model)
+    config.num_hidden_layers = len(chosen)
+    for key, values in fields.items():
+        setattr(config, key, [values[i] for i in keep])
 
 
 def remove_layers(model: nn.Module, removed: Iterable[int]) -> nn.Module:
@@ -76,31 +58,31 @@ def remove_layers(model: nn.Module, removed: Iterable[int]) -> nn.Module:
         raise ValueError(f"layer indices {bad} out of range; the model has layers 0..{len(layers) - 1}")
     if len(drop) >= len(layers):
         raise ValueError(f"cannot remove all {len(layers)} layers")
-    keep = [layer for i, layer in enumerate(layers) if i not in drop]
-    _set_layer_list(model, keep)
+    _set_layer_list(model, [i for i in range(len(layers)) if i not in drop])
     return model
 
 
 @contextmanager
 def active_layers(model: nn.Module, alive: Sequence[int]) -> Iterator[None]:
-    """Temporarily run the model with only the layers ``alive`` (original indices, in order).
+    """Temporarily run the model with only the layers ``alive`` (current indices, in order).
 
     Used by iterative selectors and repairs to evaluate a pruned model without copying weights. Indices and the
     config are restored on exit, also on error.
     """
-    layers = decoder_layers(model)
-    config = model.config
-    saved_types = getattr(config, "layer_types", None)
+    adapt = adapter(model)
+    layers = adapt.layers
+    config = text_config(model)
+    saved_fields = adapt.per_layer_fields()
     saved_n = config.num_hidden_layers
-    saved_idx = {m: m.layer_idx for m in model.model.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    saved_idx = {m: m.layer_idx for m in layers.modules() if isinstance(getattr(m, "layer_idx", None), int)}
     try:
-        _set_layer_list(model, [layers[i] for i in alive])
+        _set_layer_list(model, list(alive))
         yield
     finally:
-        model.model.layers = layers
+        adapt.set_layers(layers)
         config.num_hidden_layers = saved_n
-        if saved_types is not None:
-            config.layer_types = saved_types
+        for key, values in saved_fields.items():
+            setattr(config, key, values)
         for module, idx in saved_idx.items():
             module.layer_idx = idx
 

@@ -46,6 +46,7 @@ from gradmap.core.components import (
 from gradmap.core.grads import (
     FusedWeightGradScorer,
     WeightGradScorer,
+    block_linears,
     gradients_only_for,
     training_mode,
 )
@@ -220,7 +221,9 @@ class GradMAPSelector(Selector):
         losses: list[float] = []
         step_seconds: list[float] = []
         backward_passes = 0
-        use_fused = self.uses_fused(len(batches))
+        # GPT-2's Conv1D has no fused path; ``auto`` then accumulates in hooks (recorded as info["wgrad_accum"]).
+        plain = all(isinstance(m, nn.Linear) for layer in decoder_layers(model) for m in block_linears(layer))
+        use_fused = self.uses_fused(len(batches)) and (plain or self.wgrad_accum == "fused")
         fused = (
             FusedWeightGradScorer(
                 dict(enumerate(decoder_layers(model))), self.grad_norm, self.grad_reduce, self.accum_dtype

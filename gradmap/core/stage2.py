@@ -6,8 +6,10 @@ model's input to nxt(j), i.e. the dense output of layer nxt(j)−1. The drift of
     Δ_j = ‖mean(h'_j) − mean(r_j)‖₂ / ‖mean(r_j)‖₂                 (means over all calibration tokens, fp64)
 
 and the compensation site is ℓ† = argmax Δ_j. On the *uncompensated* pruned model, each token gives a row of
-X = m'_ℓ† (the ``mlp.down_proj`` output of ℓ†) and Y = r_ℓ† − h'_ℓ† + m'_ℓ† (the branch output that would make the
-layer output match the dense reference). In one step, closed form:
+X = m'_ℓ† (the output of ℓ†'s MLP-branch last linear, ``down_proj`` in Llama) and Y = (r_ℓ† − h'_ℓ†)/c + m'_ℓ† (the
+branch output that would make the layer output match the dense reference; c is the measured gain of m in the block
+output, 1 for pre-norm blocks, Granite's residual multiplier; a block that normalises m after the branch, as Gemma 2/3
+and OLMo 2 do, is refused). In one step, closed form:
 
     B = (XᵀX + λI)⁻¹ (XᵀY + λI),   λ = lambda_rel · tr(XᵀX)/d,   P = Bᵀ,   W_down ← P · W_down
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradmap.core.adapters import adapter, merge_output_transform, residual_gain
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import StopForward, first_tensor, forward_quietly
 from gradmap.core.components import REPAIRS, Repair, calibration_nll, model_device
@@ -84,14 +87,17 @@ def solve_projection(
     return p, info
 
 
-def merge_into_down_proj(layer: nn.Module, p: torch.Tensor) -> None:
-    """W_down ← P·W_down (and b ← P·b): the layer's branch output m becomes P·m with no new module."""
-    down = layer.mlp.down_proj
-    with torch.no_grad():
-        p = p.to(down.weight.device)
-        down.weight.copy_((p @ down.weight.double()).to(down.weight.dtype))
-        if down.bias is not None:
-            down.bias.copy_((p @ down.bias.double()).to(down.bias.dtype))
+def branch_gain(model: nn.Module, site: int, probe_ids: torch.Tensor, who: str) -> float:
+    """The measured gain c of the site's MLP output in its block output, or a one-line refusal of the layout."""
+    adapt = adapter(model)
+    gain = residual_gain(adapt, site, adapt.mlp_out(adapt.layers[site]), probe_ids)
+    if gain is None:
+        raise ValueError(
+            f"repair {who!r}: in model type {adapt.model_type!r} the block output is not linear in the MLP output "
+            f"({adapt.layout.mlp_out}; e.g. a norm after the branch), so a projection merged there cannot be fitted "
+            "exactly; use repair=none or another repair"
+        )
+    return gain
 
 
 Visit = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
@@ -155,7 +161,7 @@ class ProjectionRepair(Repair):
     skip_first_tokens: int = 0
     lambda_rel: float = 1e-2
     reg_target: str = "identity"  # identity | zero
-    merge: str = "down_proj"  # down_proj (only: merged into existing weights)
+    merge: str = "down_proj"  # down_proj (only: merged into the MLP branch's last linear, whatever its name)
     _original_down: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -205,9 +211,10 @@ class ProjectionRepair(Repair):
                 add(pruned, i, dense_sum if h_pruned is h_dense else self._token_sum(h_pruned))
 
         device = model_device(model)
+        body = adapter(model).body
         with torch.inference_mode(), _lockstep(layers, removed, stop_after=max(wanted | set(nxt)), visit=visit):
             for mb in batches:
-                forward_quietly(model.model, mb.to(device))
+                forward_quietly(body, mb.to(device))
         out = {}
         for j in nxt:
             ref = dense[refs[j]]
@@ -240,14 +247,17 @@ class ProjectionRepair(Repair):
         site: int,
         cache: Sequence[torch.Tensor] = (),
         cache_from: int = 0,
+        gain: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Accumulate XᵀX and XᵀY (fp64) over the calibration set in one lockstep pass, stopped at the reference.
 
         The dense model runs up to layer ``ref = nxt(site) − 1`` and the pruned one up to the site; with a
         ``cache`` (the stream entering ``cache_from`` per micro-batch, from :meth:`shift_pass`) both start there
-        instead of at the embeddings.
+        instead of at the embeddings (a pre-hook swaps the cached stream in, so embedding scales and position
+        embeddings added before the first layer stay right). ``gain`` is c in Y = (r − h')/c + m.
         """
-        layers = decoder_layers(model)
+        adapt = adapter(model)
+        layers = adapt.layers
         nxt = next_survivor_map(len(layers), removed)
         ref = nxt[site] - 1
         first_cut = min(removed)
@@ -274,7 +284,15 @@ class ProjectionRepair(Repair):
 
         start = cache_from if cache else 0
         path = list(range(start, ref + 1))
-        handle = layers[site].mlp.down_proj.register_forward_hook(down_hook)
+        cached = {"k": 0}
+
+        def swap_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            h = cache[cached["k"]]
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        handles = [adapt.mlp_out(layers[site]).register_forward_hook(down_hook)]
+        if cache:
+            handles.append(layers[start].register_forward_pre_hook(swap_in, with_kwargs=True))
         try:
             with (
                 torch.inference_mode(),
@@ -283,19 +301,19 @@ class ProjectionRepair(Repair):
             ):
                 for k, mb in enumerate(batches):
                     got.clear()
-                    if cache:
-                        forward_quietly(model.model, None, inputs_embeds=cache[k])
-                    else:
-                        forward_quietly(model.model, mb.to(device))
-                    x = got["m"][:, skip:].reshape(-1, d).double()
-                    y = (got["r"][:, skip:].reshape(-1, d).double() - got["h"][:, skip:].reshape(-1, d).double()) + x
+                    cached["k"] = k
+                    forward_quietly(adapt.body, mb.to(device))
+                    x = got["m"][:, skip:].reshape(-1, d).double().to(device)
+                    r = got["r"][:, skip:].reshape(-1, d).double().to(device)
+                    y = (r - got["h"][:, skip:].reshape(-1, d).double().to(device)) / gain + x
                     xtx.addmm_(x.T, x)
                     xty.addmm_(x.T, y)
                     yty += (y * y).sum()
                     sq_err_identity += ((x - y) ** 2).sum()
                     rows += x.shape[0]
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return xtx, xty, {"rows": rows, "yty": float(yty), "mse_before": float(sq_err_identity) / (rows * d)}
 
     def layer_forwards(self, n_layers: int, removed: Sequence[int], site: int, cache_from: int) -> dict[str, int]:
@@ -330,7 +348,8 @@ class ProjectionRepair(Repair):
             clock.append(time.perf_counter())
             bar.update(1)
             site = self.choose_site(shifts, nxt, removed)
-            xtx, xty, stats = self.fit(model, batches, removed, site, cache, cache_from)
+            gain = branch_gain(model, site, batches[0][:1, :16].to(model_device(model)), self.name)
+            xtx, xty, stats = self.fit(model, batches, removed, site, cache, cache_from, gain)
             clock.append(time.perf_counter())
             del cache
             bar.update(1)
@@ -338,14 +357,14 @@ class ProjectionRepair(Repair):
         b = p.T
         d = xtx.shape[0]
         resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
-        down = layers[site].mlp.down_proj
+        down = adapter(model).mlp_out(layers[site])
         self._original_down = {
             "module": down,
             "weight": down.weight.detach().clone(),
             "xtx": xtx,
             "lambda": solve_info["lambda"],
         }
-        merge_into_down_proj(layers[site], p)
+        merge_output_transform(down, p)
         return {
             "pass_s": {"shift": clock[1] - clock[0], "fit": clock[2] - clock[1]},
             "layer_forwards": self.layer_forwards(len(layers), removed, site, cache_from),
@@ -354,6 +373,7 @@ class ProjectionRepair(Repair):
             "mse_before": stats["mse_before"],
             "mse_after": resid / (stats["rows"] * d),
             "fit_rows": stats["rows"],
+            "branch_gain": gain,
             **solve_info,
         }
 
