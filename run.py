@@ -1,7 +1,8 @@
 """Hydra entry point: ``python run.py [overrides]`` runs one job, ``python run.py -m ...`` a sweep.
 
 Everything here is plumbing: the config is resolved to a plain dict and handed to ``gradmap.pipeline.execute``,
-which records success or failure in runs/ and never lets one job's failure stop a sweep.
+which records success or failure in runs/ and never lets one job's failure stop a sweep. torch and the pipeline
+are imported inside ``main`` so that ``--help`` and ``--cfg job`` answer without loading them.
 """
 
 from __future__ import annotations
@@ -9,34 +10,31 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from gradmap.console import configure_console
 
-from gradmap.overrides import check_overrides
-from gradmap.pipeline import execute
+configure_console()  # before anything imports tqdm: non-TTY output gets no progress-bar escape codes
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gradmap.overrides import check_overrides  # noqa: E402
 
 log = logging.getLogger("gradmap")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from gradmap.console import final_line
+    from gradmap.pipeline import Job, execute
+    from gradmap.results import RESULT_FILE
+
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     record = execute(plain)
-    status = record["status"]
-    if status == "ok":
-        metrics = record.get("metrics", {})
-        if record.get("skipped"):  # execute() already logged the one-line skip
-            return metrics.get("avg")
-        log.info(
-            "%s: ok (prune %.1f s, avg %s, ppl %s) -> %s",
-            record["job_name"],
-            record["timing"]["prune_s"],
-            metrics.get("avg"),
-            metrics.get("wikitext2_ppl"),
-            record.get("job_name"),
-        )
-        return metrics.get("avg")
-    log.error("%s: %s", record["job_name"], record.get("error"))
+    if record["status"] == "ok":
+        if not record.get("skipped"):  # execute() already logged the one-line skip
+            log.info(final_line(record, Job.from_config(plain).dir / RESULT_FILE))
+        return (record.get("metrics") or {}).get("avg")
+    # execute() has logged the error once (with the traceback's path); here only the exit status remains
     if not HydraMultirun.active():
         sys.exit(1)
     return None

@@ -24,13 +24,15 @@ from gradmap.core.calib import build_calibration
 from gradmap.core.components import METHODS, REPAIRS, NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
+from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
+from gradmap.modelcard import model_folder, push_to_hub, save_pruned_model
 from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
 from gradmap.paths import read_text_file
 from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
 from gradmap.sweep import reuse_dense
-from gradmap.tracking import Tracker, make_tracker
+from gradmap.tracking import Tracker, artifact_name, make_tracker, resolve_mode
 
 log = logging.getLogger("gradmap")
 
@@ -72,6 +74,14 @@ class Job:
         parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
         name = "-".join(str(p) for p in parts)
         return cls(job_id, name, Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}", identity)
+
+
+def device_label(cfg: Mapping[str, Any]) -> str:
+    """The device a job will run on, for its start line (a bad name is shown as given; it fails later)."""
+    try:
+        return str(resolve_device(cfg["device"]))
+    except ValueError:
+        return str(cfg["device"])
 
 
 def effective_dtype_name(name: str, device: torch.device) -> str:
@@ -139,9 +149,11 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
     )
 
 
-def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
+def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) -> dict[str, Any]:
     """Do one job and return its record (status "ok"). Raises on failure; see :func:`execute`."""
     from gradmap.eval.harness import evaluate  # lm-eval lives at the edge
+
+    tracker = tracker or Tracker()
 
     torch.manual_seed(int(cfg["seed"]))
     device = resolve_device(cfg["device"])
@@ -167,18 +179,38 @@ def run_job(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
     check_forward_finite(model, calib_ids[:1])
 
     t = time.perf_counter()
+    if (cfg.get("speed") or {}).get("enabled"):
+        log.info("%s: measuring inference speed (prefill + cached decode, speed.*)", job.name)
     speed = measure_from_config(model, cfg.get("speed"))  # inference speed
     phases["speed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    metrics = evaluate(model, tokenizer, cfg["eval"], device)  # evaluate
+    metrics = evaluate(model, tokenizer, cfg["eval"], device, on_lm_eval=lambda out: keep_lm_eval(out, job, tracker))
     phases["eval_s"] = time.perf_counter() - t
 
-    if cfg.get("save_model"):
-        model.save_pretrained(job.dir / "model")
-        tokenizer.save_pretrained(job.dir / "model")
+    out = record(cfg, job, result, metrics, phases, status="ok", speed=speed)  # record
+    if cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model"):
+        folder = save_pruned_model(model, tokenizer, model_folder(cfg, job.dir), out, cfg)
+        out["saved_model"] = str(folder)
+        if cfg.get("push_to_hub"):
+            out["pushed_to"] = push_to_hub(folder, str(cfg["push_to_hub"]))
+    return out
 
-    return record(cfg, job, result, metrics, phases, status="ok", speed=speed)  # record
+
+def keep_lm_eval(output: dict[str, Any], job: Job, tracker: Tracker) -> None:
+    """lm-eval's own records: its results JSON into ``<job>/lm_eval/``, and its WandbLogger tables via the tracker.
+
+    Neither may fail the job: the metrics are already computed, and losing them to a logger would be the wrong
+    trade (the warning says what was not kept).
+    """
+    try:
+        save_results_json(output, job.dir / "lm_eval")
+    except Exception as err:
+        log.warning("lm-eval results record not saved: %s", one_line_error(err))
+    try:
+        tracker.log_lm_eval(output)
+    except Exception as err:
+        log.warning("lm-eval W&B tables not logged: %s", one_line_error(err))
 
 
 @torch.inference_mode()
@@ -295,8 +327,19 @@ def check_writable(folder: Path) -> None:
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check every value that can be checked without the model, so a bad override fails in milliseconds."""
+    from gradmap.eval.harness import check_eval_config
+
     resolve_device(cfg["device"])
     resolve_dtype(cfg["dtype"], torch.device("cpu"))
+    tasks, source = check_eval_config(cfg["eval"])
+    if source == "online" and tasks:
+        names = ", ".join(repr(t) for t in tasks)
+        check_online_reachable(f"eval=online (tasks {names})", "; offline, use eval=quick, full or smoke")
+    resolve_mode((cfg.get("tracker") or {}).get("mode"))
+    if cfg.get("push_to_hub"):
+        if not (cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model")):
+            raise ValueError(f"push_to_hub={cfg['push_to_hub']!r} needs save_model=true")
+        check_online_reachable(f"push_to_hub={cfg['push_to_hub']!r}")
     preset = METHODS.get(cfg["method"]["name"])
     if cfg["repair"].get("name") is not None:
         REPAIRS.get(cfg["repair"]["name"])
@@ -344,6 +387,7 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
         return reused
     for stale in (RESULT_FILE, "error.log"):  # a failed run's record must not outlive a rerun that gets killed
         (job.dir / stale).unlink(missing_ok=True)
+    log.info("start %s: folder %s, device %s, dtype %s", job.name, job.dir, device_label(cfg), job.identity["dtype"])
     handler = logging.FileHandler(job.dir / "job.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
@@ -351,8 +395,8 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     exit_code = 1
     try:
         validate_config(cfg)
-        tracker = make_tracker(cfg["tracker"], cfg, job.job_id, job.name, str(cfg["sweep"]), job.dir)
-        out = run_job(cfg, job)
+        tracker = make_tracker(cfg, job.job_id, job.name, job.dir)
+        out = run_job(cfg, job, tracker)
         exit_code = 0
     except Exception as err:  # one job's failure must not take down the sweep
         message = one_line_error(err)
@@ -363,11 +407,12 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
         logging.getLogger().removeHandler(handler)
         handler.close()
     atomic_write_json(job.dir / RESULT_FILE, out)
-    summary = {k: out[k] for k in ("status", "n_remove", "removed_layers") if k in out}
-    summary.update({f"timing/{k}": v for k, v in out.get("timing", {}).items()})
-    summary.update({f"metrics/{k}": v for k, v in out.get("metrics", {}).items()})
     try:
-        tracker.log_summary(summary)
+        tracker.log_job(out, job.dir)
+        if out.get("saved_model") and (cfg.get("tracker") or {}).get("log_model"):
+            tracker.log_model(Path(out["saved_model"]), artifact_name(out, "model"))
+    except Exception as err:  # tracking never fails a finished job
+        log.warning("W&B logging of %s incomplete: %s", job.name, one_line_error(err))
     finally:
         tracker.finish(exit_code)
     return out

@@ -21,11 +21,16 @@ IDENTITY_KEYS = ("model", "method", "repair", "prune", "calib", "eval", "seed", 
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so a reader never sees half a file."""
+    """Write via a temp file in the same folder and rename, so a reader never sees half a file.
+
+    mkstemp creates its file 0600 whatever the umask; the file gets the mode a plain ``open()`` would give it
+    (0644 under umask 0022), so colleagues on a shared cluster can read the results.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -34,6 +39,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, record: Mapping[str, Any]) -> None:

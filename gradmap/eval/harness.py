@@ -22,23 +22,22 @@ Design choices and why:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from gradmap.eval.lmeval_tasks import check_tasks, default_metric_map, higher_is_better, pick_primary, task_metrics
 from gradmap.eval.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
-from gradmap.eval.tasks import PRIMARY_METRIC, check_task_names, local_task_configs
+from gradmap.eval.tasks import local_task_configs
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("local", "online")
-METRICS = ("acc", "acc_norm")
-CFG_KEYS = ("name", "tasks", "limit", "subset_seed", "batch_size", "source", "ppl", "metric_map")
+CFG_KEYS = ("name", "tasks", "limit", "subset_seed", "batch_size", "source", "ppl", "metric_map", "num_fewshot")
 PPL_KEYS = ("window", "stride", "max_windows", "dataset", "add_bos")
 
 
@@ -100,22 +99,6 @@ def subset_indices(task: str, n_docs: int, k: int | None, seed: int) -> list[int
     return sorted(rng.sample(range(n_docs), k))
 
 
-def resolve_metric_map(tasks: Sequence[str], metric_map: str | Mapping[str, str] | None) -> dict[str, str]:
-    """Primary metric per task: the METHODS default, ``"acc"`` everywhere (LLM-Streamline), or overrides."""
-    if metric_map in (None, "default"):
-        chosen = {t: PRIMARY_METRIC[t] for t in tasks}
-    elif metric_map in METRICS:
-        chosen = dict.fromkeys(tasks, metric_map)
-    elif isinstance(metric_map, Mapping):
-        chosen = {t: metric_map.get(t, PRIMARY_METRIC[t]) for t in tasks}
-    else:
-        raise ValueError(f"eval.metric_map must be null, default, acc, acc_norm or a mapping: {metric_map!r}")
-    for task, metric in chosen.items():
-        if metric not in METRICS:
-            raise ValueError(f"eval.metric_map[{task!r}] = {metric!r}; allowed: {', '.join(METRICS)}")
-    return chosen
-
-
 def _place(model: torch.nn.Module, device: str | torch.device) -> None:
     """Move the model to ``device`` unless it is there already or sharded by accelerate (hf_device_map)."""
     if getattr(model, "hf_device_map", None):
@@ -127,7 +110,8 @@ def _place(model: torch.nn.Module, device: str | torch.device) -> None:
 
 
 def _load_tasks(tasks: list[str], source: str) -> tuple[Any, dict[str, Any]]:
-    """Build lm-eval Task objects (loading their data) for ``tasks``; returns (task manager, name → Task)."""
+    """Build lm-eval Task/Group objects (loading their data) for ``tasks``; returns (task manager, lm-eval's
+    ``{"tasks": leaf name → Task, "groups": name → Group}``)."""
     from lm_eval.tasks import TaskManager
 
     if source == "local":
@@ -136,13 +120,42 @@ def _load_tasks(tasks: list[str], source: str) -> tuple[Any, dict[str, Any]]:
     else:
         manager = TaskManager()
         loaded = manager.load(tasks)
-    return manager, loaded["tasks"]
+    return manager, loaded
+
+
+def _requested(loaded: Mapping[str, Any], name: str) -> Any:
+    """The Task or Group object of a requested name (a group is scored through all of its subtasks)."""
+    return loaded["tasks"].get(name) or loaded["groups"][name]
+
+
+def _leaves(loaded: Mapping[str, Any], name: str) -> list[Any]:
+    """The leaf Task objects behind a requested name; ``limit`` applies to each of them."""
+    if name in loaded["tasks"]:
+        return [loaded["tasks"][name]]
+    return list(loaded["groups"][name].get_all_tasks())
+
+
+def _set_fewshot(loaded: Mapping[str, Any], tasks: Sequence[str], num_fewshot: Any) -> None:
+    """``eval.num_fewshot``: null keeps each task's own default, an int applies to all, a mapping per task."""
+    if num_fewshot is None:
+        return
+    per_task = num_fewshot if isinstance(num_fewshot, Mapping) else dict.fromkeys(tasks, num_fewshot)
+    for name, k in per_task.items():
+        if name not in tasks or isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"eval.num_fewshot for {name!r} = {k!r}; allowed: a task of eval.tasks, an int >= 0")
+        for task in _leaves(loaded, name):
+            task.set_config(key="num_fewshot", value=k)
 
 
 def _run_lm_eval(
-    model: torch.nn.Module, tokenizer: Any, tasks: list[str], cfg: Mapping[str, Any]
-) -> dict[str, dict[str, float]]:
-    """Score ``tasks`` with lm-eval; returns {task: {acc, acc_norm, acc_stderr, acc_norm_stderr, n}}.
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    cfg: Mapping[str, Any],
+    on_output: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Score ``tasks`` with lm-eval; returns ({task: {metric: value, metric_stderr: se, n: items}}, lm-eval's
+    raw output). ``on_output`` gets the raw output first (the pipeline saves it and hands it to the tracker).
 
     With ``source: online`` the built-in boolq and winogrande YAMLs compute acc only, so their acc_norm keys
     are absent (the local copies add acc_norm, see gradmap/eval/tasks/*.yaml).
@@ -150,18 +163,20 @@ def _run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager, task_objs = _load_tasks(tasks, cfg["source"])
+    manager, loaded = _load_tasks(tasks, cfg["source"])
+    _set_fewshot(loaded, tasks, cfg.get("num_fewshot"))
     limits = resolve_limits(tasks, cfg.get("limit"))
     seed = int(cfg.get("subset_seed", 0))
     samples = {}
     for name in tasks:
-        idx = subset_indices(name, len(task_objs[name].eval_docs), limits[name], seed)
-        if idx is not None:
-            samples[name] = idx
+        for task in _leaves(loaded, name):
+            idx = subset_indices(task.task_name, len(task.eval_docs), limits[name], seed)
+            if idx is not None:
+                samples[task.task_name] = idx
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(cfg.get("batch_size", 1)))
     out = simple_evaluate(
         model=lm,
-        tasks=[task_objs[name] for name in tasks],
+        tasks=[_requested(loaded, name) for name in tasks],
         task_manager=manager,
         num_fewshot=None,  # tasks without num_fewshot (all 7, local and built-in) run 0-shot
         samples=samples or None,
@@ -169,19 +184,9 @@ def _run_lm_eval(
     )
     if out is None:  # only non-zero ranks get None; this code runs single-process
         raise RuntimeError("lm-eval returned no results")
-    metrics: dict[str, dict[str, float]] = {}
-    for name in tasks:
-        res = out["results"][name]
-        row = {}
-        for metric in METRICS:
-            if f"{metric},none" not in res:  # online boolq/winogrande: the built-in YAMLs report acc only
-                continue
-            row[metric] = float(res[f"{metric},none"])
-            stderr = res.get(f"{metric}_stderr,none")
-            row[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else math.nan
-        row["n"] = int(out["n-samples"][name]["effective"])
-        metrics[name] = row
-    return metrics
+    if on_output is not None:
+        on_output(out)
+    return {name: task_metrics(out, name) for name in tasks}, out
 
 
 def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: torch.device) -> dict:
@@ -216,7 +221,53 @@ def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: t
     }
 
 
-def evaluate(model: Any, tokenizer: Any, cfg: Mapping, device: str | torch.device = "cpu") -> dict:
+def check_eval_config(cfg: Mapping[str, Any]) -> tuple[list[str], str]:
+    """(tasks, source) of an eval preset, checked without lm-eval or the model, so the pipeline can call it
+    before any model work: unknown keys, source, task names (offline: the 7 local tasks only), limits."""
+    cfg = _plain(cfg)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"eval cfg must be a mapping, got {type(cfg).__name__}")
+    _check_keys(cfg, CFG_KEYS, "eval.")
+    source = cfg.get("source") or "local"
+    if source not in SOURCES:
+        raise ValueError(f"unknown eval.source {source!r}; allowed: {', '.join(SOURCES)}")
+    tasks = check_tasks(cfg.get("tasks") or [], source)
+    default_metric_map(tasks, source, cfg.get("metric_map"))
+    resolve_limits(tasks, cfg.get("limit"))
+    return tasks, source
+
+
+def primary_results(
+    out: Mapping[str, Any], tasks: Sequence[str], per_task: Mapping[str, Mapping[str, float]], wanted: Mapping
+) -> dict[str, Any]:
+    """The flat metrics of the tasks: ``<task>`` (primary), ``<task>/<metric>``, ``metric_map`` and ``avg``.
+
+    ``avg`` is the mean x100 of the primary metrics that lm-eval marks higher-is-better (a perplexity-like
+    primary metric would not average with accuracies); ``avg_tasks`` says which tasks it covers.
+    """
+    results: dict[str, Any] = {}
+    chosen = {name: pick_primary(out, name, per_task[name], wanted.get(name)) for name in tasks}
+    for name in tasks:
+        results[name] = per_task[name][chosen[name]]
+    averaged = [name for name in tasks if higher_is_better(out, name, chosen[name])]
+    if averaged:
+        results["avg"] = 100.0 * sum(results[name] for name in averaged) / len(averaged)
+    if averaged != list(tasks):
+        results["avg_tasks"] = averaged
+    results["metric_map"] = chosen
+    for name in tasks:
+        for key, value in per_task[name].items():
+            results[f"{name}/{key}"] = value
+    return results
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    cfg: Mapping,
+    device: str | torch.device = "cpu",
+    on_lm_eval: Callable[[dict[str, Any]], None] | None = None,
+) -> dict:
     """Evaluate ``model`` as configured by ``cfg`` (an ``eval`` preset) and return a flat metric dict.
 
     Keys: ``<task>`` (primary metric, fraction), ``<task>/acc``, ``<task>/acc_norm``, ``<task>/acc_stderr``,
@@ -230,18 +281,11 @@ def evaluate(model: Any, tokenizer: Any, cfg: Mapping, device: str | torch.devic
     unaffected.
     """
     cfg = _plain(cfg)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"eval cfg must be a mapping, got {type(cfg).__name__}")
-    _check_keys(cfg, CFG_KEYS, "eval.")
-    tasks = check_task_names(cfg.get("tasks") or [])
+    tasks, source = check_eval_config(cfg)
     ppl_cfg = cfg.get("ppl")
     if not tasks and not ppl_cfg:
         return {}
-    source = cfg.setdefault("source", "local")
-    if source not in SOURCES:
-        raise ValueError(f"unknown eval.source {source!r}; allowed: {', '.join(SOURCES)}")
-    primary = resolve_metric_map(tasks, cfg.get("metric_map"))
-    resolve_limits(tasks, cfg.get("limit"))  # validate before any slow work
+    wanted = default_metric_map(tasks, source, cfg.get("metric_map"))
     if source == "local":
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -254,18 +298,8 @@ def evaluate(model: Any, tokenizer: Any, cfg: Mapping, device: str | torch.devic
         _place(model, device)
         model.eval()
         if tasks:
-            per_task = _run_lm_eval(model, tokenizer, tasks, cfg)
-            for name in tasks:
-                if primary[name] not in per_task[name]:
-                    raise ValueError(
-                        f"task {name!r} reports no {primary[name]!r} (source {source}); "
-                        "use eval.metric_map to pick acc for it"
-                    )
-                results[name] = per_task[name][primary[name]]
-            results["avg"] = 100.0 * sum(results[name] for name in tasks) / len(tasks)
-            for name in tasks:
-                for key, value in per_task[name].items():
-                    results[f"{name}/{key}"] = value
+            per_task, out = _run_lm_eval(model, tokenizer, tasks, cfg, on_lm_eval)
+            results.update(primary_results(out, tasks, per_task, wanted))
         if ppl_cfg:
             results.update(_run_ppl(model, tokenizer, ppl_cfg, device))
     finally:

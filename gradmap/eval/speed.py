@@ -23,7 +23,7 @@ there. What the floor does not fix: at batch 1 a small model on a GPU is bound b
 offline_main sweep (decode speedups 0.73–1.56x for the same 8 of 30 layers removed). The report prints that spread
 next to each inference speedup.
 
-This module imports only torch, so the core stays usable without the suite's extras.
+This module imports only torch and tqdm, so the core stays usable without the suite's extras.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 SPEED_KEYS = ("enabled", "prompt_len", "gen_len", "repeats", "batch_size", "warmup", "min_time_s")
 
@@ -103,12 +104,18 @@ def _one_run(
     return prefill, time.perf_counter() - start
 
 
-def _runs_until(count: int, min_time_s: float, run: Callable[[], tuple[float, float]]) -> list[tuple[float, float]]:
+def _runs_until(
+    count: int, min_time_s: float, run: Callable[[], tuple[float, float]], bar: Any = None
+) -> list[tuple[float, float]]:
     """At least ``count`` runs, and more until they took ``min_time_s`` seconds of wall time together."""
     runs: list[tuple[float, float]] = []
     start = time.perf_counter()
     while len(runs) < count or time.perf_counter() - start < min_time_s:
         runs.append(run())
+        if bar is not None:
+            if bar.n + 1 > bar.total:  # the time floor added runs beyond the count
+                bar.total = bar.n + 1
+            bar.update(1)
     return runs
 
 
@@ -151,11 +158,14 @@ def measure_speed(
     def run() -> tuple[float, float]:
         return _one_run(model, prompt, gen_len, last_only, cache_arg)
 
+    # A real model on a CPU spends minutes here (prefill + decode, each run): the bar shows that it progresses.
+    bar = tqdm(total=warmup + repeats, desc="speed (warm-up + timed runs)", unit="run", leave=False)
     try:
         if warmup:
-            _runs_until(warmup, min_time_s, run)
-        runs = _runs_until(repeats, min_time_s, run)
+            _runs_until(warmup, min_time_s, run, bar)
+        runs = _runs_until(repeats, min_time_s, run, bar)
     finally:
+        bar.close()
         model.train(was_training)
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
