@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from gradmap.core.components import METHODS, REPAIRS
 from gradmap.models import load_model, resolve_device
 from gradmap.paths import read_text_file
 from gradmap.pipeline import one_line_error
-from gradmap.tracking import Tracker, WandbTracker, make_tracker
 
 
 def test_unknown_registry_names_suggest_the_closest():
@@ -52,35 +49,6 @@ def test_hub_model_offline_fails_clearly(monkeypatch, tmp_path):
     spec = {"name": "llama2_7b", "source": "hub", "hub_id": "meta-llama/Llama-2-7b-hf", "trust_remote_code": False}
     with pytest.raises(OSError, match="hub models need internet access"):
         load_model(spec, torch.device("cpu"))
-
-
-def test_wandb_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path, caplog):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    with caplog.at_level(logging.WARNING):
-        tracker = make_tracker(
-            {"name": "wandb", "mode": "online", "project": "t"}, {"a": 1}, "job123", "job", "sweep", tmp_path
-        )
-    try:
-        assert isinstance(tracker, WandbTracker) and tracker.mode == "offline"
-        assert "no W&B credentials" in caplog.text
-    finally:
-        tracker.finish()
-
-
-def test_tracker_failure_never_fails_the_job(monkeypatch, tmp_path, caplog):
-    import wandb
-
-    def broken_init(*args, **kwargs):
-        raise RuntimeError("wandb exploded")
-
-    monkeypatch.setattr(wandb, "init", broken_init)
-    with caplog.at_level(logging.WARNING):
-        tracker = make_tracker({"name": "wandb", "mode": "offline"}, {}, "id", "name", "sweep", tmp_path)
-    assert type(tracker) is Tracker
-    assert "tracking disabled" in caplog.text
 
 
 def test_trust_remote_code_is_off_in_every_hub_config():
