@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradmap.results import atomic_write_json, atomic_write_text
+from gradmap.results import atomic_write_json, atomic_write_text, current_umask
 
 log = logging.getLogger("gradmap")
 
@@ -145,11 +145,21 @@ def save_pruned_model(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    follow_umask(folder)
     info = pruning_record(record, cfg, reproduce_command())
     atomic_write_json(folder / PRUNING_FILE, info)
     atomic_write_text(folder / CARD_FILE, model_card(info))
     log.info("saved the pruned model with its card and pruning record to %s", folder)
     return folder
+
+
+def follow_umask(folder: Path) -> None:
+    """Give the files in ``folder`` the mode a plain ``open()`` gives (safetensors writes its shards 0600 through a
+    temporary file), so colleagues can load a model saved on a shared cluster."""
+    wanted = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(wanted)
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
