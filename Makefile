@@ -32,8 +32,9 @@ test: install  ## every test: fast ones plus the slow end-to-end ones (tiny mode
 test-fast: install  ## the fast tests only (skips tests marked slow: subprocess sweeps and end-to-end jobs)
 	$(PY) -m pytest -q -m "not slow" tests
 
-lint: install
+lint: install  ## ruff check + ruff format --check (pre-commit runs the same: .pre-commit-config.yaml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 report: install  ## tables, plots and verdict.md of runs/$(SWEEP) into runs/$(SWEEP)/report (ARGS: --speedup-baselines ...)
 	$(PY) -m gradmap.report runs/$(SWEEP) $(ARGS)

@@ -200,3 +200,16 @@ def test_unknown_tracker_mode_is_one_line():
 
     with pytest.raises(ValueError, match=r"tracker.mode='offlin'; allowed: null .*online, offline, disabled"):
         resolve_mode("offlin")
+
+
+def test_report_run_takes_project_group_and_mode_from_the_sweep(tmp_path, monkeypatch):
+    from gradmap.report.wandb_log import report_init
+    from gradmap.results import atomic_write_json
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    job = tmp_path / "mysweep" / "job-1"
+    tracker = {"name": "wandb", "project": "proj", "entity": "team", "mode": "offline"}
+    atomic_write_json(job / "result.json", {"status": "ok", "config": {"tracker": tracker}})
+    init = report_init(tmp_path / "mysweep", tmp_path / "out")
+    assert (init["project"], init["entity"], init["group"], init["job_type"]) == ("proj", "team", "mysweep", "report")
+    assert init["mode"] == "offline" and init["id"] == report_init(tmp_path / "mysweep", tmp_path / "x")["id"]

@@ -50,8 +50,7 @@ def check_tasks(tasks: Sequence[str], source: str) -> list[str]:
         for name in tasks:
             if name not in TASK_NAMES:
                 raise ValueError(
-                    f"eval task {name!r} needs eval=online and internet; offline, the tasks are "
-                    f"{', '.join(TASK_NAMES)}"
+                    f"eval task {name!r} needs eval=online and internet; offline, the tasks are {', '.join(TASK_NAMES)}"
                 )
     for name in tasks:
         if not isinstance(name, str) or not name:

@@ -23,7 +23,13 @@ def variant_of(record: dict[str, Any]) -> str:
 
 
 def _primary_metric(metrics: dict[str, Any], task: str) -> str:
-    """Which metric the record's ``<task>`` value is (an eval preset may override the metric map)."""
+    """Which metric the record's ``<task>`` value is (an eval preset may override the metric map).
+
+    Records since the online-task change name it (``metrics.metric_map``); older ones are matched by value.
+    """
+    recorded = metrics.get("metric_map")
+    if isinstance(recorded, dict) and isinstance(recorded.get(task), str):
+        return recorded[task]
     value = metrics.get(task)
     matches = [m for m in ("acc", "acc_norm") if metrics.get(f"{task}/{m}") == value]
     return matches[0] if len(matches) == 1 else PRIMARY_METRIC.get(task, "acc")
