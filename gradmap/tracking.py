@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
 # Files of a job folder that go into its eval_results artifact (besides result.json), as glob patterns.
-RESULT_GLOBS = ("result.json", "items*", "lm_eval/**/*.json", "lm_eval/**/*.jsonl")
+RESULT_GLOBS = ("result.json", "error.log", "items*", "lm_eval/**/*.json", "lm_eval/**/*.jsonl")
 
 
 def wandb_run_id(sweep: str, job_id: str) -> str:
@@ -180,13 +180,15 @@ def result_rows(record: Mapping[str, Any]) -> list[list[Any]]:
     perplexity is one more row (``n`` = windows).
     """
     metrics = record.get("metrics") or {}
+    chosen = metrics.get("metric_map") if isinstance(metrics.get("metric_map"), Mapping) else {}
     rows = []
     for key, value in metrics.items():
         task, _, metric = key.partition("/")
         if not metric or metric == "n" or metric.endswith("_stderr") or not isinstance(value, int | float):
             continue
         stderr = metrics.get(f"{task}/{metric}_stderr")
-        primary = metrics.get(task) == value and not isinstance(metrics.get(task), bool)
+        # records from before the metric map was recorded: the primary value is the one equal to <task>
+        primary = chosen.get(task) == metric if task in chosen else metrics.get(task) == value
         rows.append([task, metric, float(value), stderr, metrics.get(f"{task}/n"), bool(primary)])
     for key, value in metrics.items():
         if key.endswith("_ppl") and isinstance(value, int | float):
@@ -230,7 +232,8 @@ def job_init(cfg: Mapping[str, Any], job_id: str, job_name: str, out_dir: Path) 
     tracker = cfg.get("tracker") or {}
     method = cfg["method"]["name"]
     prune = cfg.get("prune") or {}
-    amount = f"n{prune['n_remove']}" if prune.get("n_remove") is not None else f"r{prune.get('ratio')}"
+    ratio = prune.get("ratio") if prune.get("ratio") is not None else prune.get("default_ratio")
+    amount = f"n{prune['n_remove']}" if prune.get("n_remove") is not None else f"r{ratio}"
     tags = [cfg["model"]["name"], method] if method == "none" else [cfg["model"]["name"], method, amount]
     repair = (cfg.get("repair") or {}).get("name")
     if repair and method != "none":

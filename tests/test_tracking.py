@@ -123,9 +123,10 @@ def test_tables_of_a_record():
         "removed_layers": [2, 0],
         "metrics": {
             "boolq": 0.5,
+            "metric_map": {"boolq": "acc"},
             "boolq/acc": 0.5,
             "boolq/acc_stderr": 0.1,
-            "boolq/acc_norm": 0.25,
+            "boolq/acc_norm": 0.5,
             "boolq/n": 8,
             "wikitext2_ppl": 30.0,
             "ppl_windows": 2,
@@ -134,7 +135,8 @@ def test_tables_of_a_record():
     }
     rows = {(r[0], r[1]): r for r in result_rows(record)}
     assert rows[("boolq", "acc")] == ["boolq", "acc", 0.5, 0.1, 8, True]
-    assert rows[("boolq", "acc_norm")][5] is False and rows[("wikitext2", "ppl")][2] == 30.0
+    assert rows[("boolq", "acc_norm")][5] is False, "equal values, but the metric map names acc"
+    assert rows[("wikitext2", "ppl")][2] == 30.0
     removed = [(r[0], r[1]) for r in score_rows(record) if r[3]]
     assert removed == [(0, 2), (1, 0)], "each decision marks the layer it removed"
 
