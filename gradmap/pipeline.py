@@ -160,6 +160,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     phases: dict[str, float] = {}
 
     t = time.perf_counter()
+    log.info("%s: loading %s", job.name, cfg["model"]["name"])  # off a TTY these lines are the progress
     model, tokenizer = load_model(cfg["model"], device, cfg["dtype"])  # load
     phases["load_s"] = time.perf_counter() - t
 
@@ -185,6 +186,8 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     phases["speed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if cfg["eval"].get("tasks") or cfg["eval"].get("ppl"):
+        log.info("%s: evaluating (eval=%s)", job.name, cfg["eval"].get("name"))
     metrics = evaluate(model, tokenizer, cfg["eval"], device, on_lm_eval=lambda out: keep_lm_eval(out, job, tracker))
     phases["eval_s"] = time.perf_counter() - t
 
