@@ -174,6 +174,8 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
         )
     phases["calib_s"] = time.perf_counter() - t
 
+    if cfg["method"]["name"] != "none":
+        log.info("%s: selecting and repairing (method=%s)", job.name, cfg["method"]["name"])
     result = prune_from_config(model, calib_ids, cfg)  # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
     inject_fault(job.name, model)  # tests only
