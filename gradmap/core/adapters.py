@@ -31,6 +31,7 @@ class Layout:
 
     ``mlp`` is None where the MLP linears sit on the block itself (OPT). ``parallel`` names the config flag that
     makes attention and MLP read the same input and add to the residual together (or True/False when fixed).
+    ``mlp_post_norm`` is the norm applied to the MLP output before the residual add (Gemma 2/3, OLMo 2), if any.
     """
 
     attn: str
@@ -38,16 +39,21 @@ class Layout:
     attn_out: str
     mlp_out: str
     parallel: str | bool = False
+    mlp_post_norm: str | None = None
 
 
 _LLAMA_LIKE = (
-    *("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo"),
-    *("olmo2", "olmo3", "helium", "smollm3", "phi3", "arcee", "ernie4_5", "seed_oss", "exaone4", "hunyuan_v1_dense"),
+    *("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "granite", "olmo"),
+    *("helium", "smollm3", "phi3", "arcee", "ernie4_5", "seed_oss", "hunyuan_v1_dense"),
     *("apertus", "nemotron", "glm", "glm4", "persimmon"),
 )
 _LLAMA = Layout("self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj")
+_POST_NORMED = Layout(
+    "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", mlp_post_norm="post_feedforward_layernorm"
+)
 LAYOUTS: dict[str, Layout] = {
     **dict.fromkeys(_LLAMA_LIKE, _LLAMA),
+    **dict.fromkeys(("gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4"), _POST_NORMED),
     "cohere": Layout("self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", parallel=True),
     "cohere2": Layout("self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", parallel=True),
     "stablelm": Layout("self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", parallel="use_parallel_residual"),
@@ -287,3 +293,52 @@ def merge_output_transform(linear: nn.Module, p: torch.Tensor) -> None:
         w.copy_(new.to(w.dtype))
         if linear.bias is not None:
             linear.bias.copy_((p @ linear.bias.double()).to(linear.bias.dtype))
+
+
+@dataclass
+class MergeTarget:
+    """Where a repair's output transform of the MLP branch is merged, exactly, and in which form.
+
+    ``full``: a linear (P·W, any P); ``diagonal``: a post-branch norm's weight (P = diag(s) only, since a norm after
+    the branch makes a full P unmergeable), whose weight enters as ``offset + w`` (Gemma: 1 + w; OLMo 2: w).
+    """
+
+    module: nn.Module
+    gain: float
+    form: str
+    offset: float = 0.0
+
+
+def mlp_merge_target(adapt: DecoderAdapter, index: int, probe_ids: torch.Tensor) -> MergeTarget | None:
+    """The exact merge target of block ``index``'s MLP branch: its last linear when the block output is linear in
+    it, else the norm after the branch (diagonal form) when that is, else None (the caller refuses)."""
+    block = adapt.layers[index]
+    linear = adapt.mlp_out(block)
+    gain = residual_gain(adapt, index, linear, probe_ids)
+    if gain is not None:
+        return MergeTarget(linear, gain, "full")
+    norm = _get(block, adapt.layout.mlp_post_norm) if adapt.layout.mlp_post_norm else None
+    if norm is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+        return None
+    gain = residual_gain(adapt, index, norm, probe_ids)
+    return None if gain is None else MergeTarget(norm, gain, "diagonal", _weight_offset(norm))
+
+
+def _weight_offset(norm: nn.Module) -> float:
+    """1.0 when the norm scales by (1 + w) (Gemma), 0.0 when by w: measured with the weight zeroed."""
+    w = norm.weight
+    x = torch.randn(2, 3, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.zero_()
+        zero_out = norm(x)
+        w.copy_(saved)
+    return 0.0 if float(zero_out.abs().max()) == 0.0 else 1.0
+
+
+def merge_diagonal(target: MergeTarget, s: torch.Tensor) -> None:
+    """Make the norm's output s ⊙ y instead of y: its effective weight (offset + w) ← s ⊙ (offset + w)."""
+    with torch.no_grad():
+        w = target.module.weight
+        eff = target.offset + w.double()
+        w.copy_((s.to(w.device).double() * eff - target.offset).to(w.dtype))

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradmap.core.adapters import adapter, merge_output_transform, residual_gain
+from gradmap.core.adapters import MergeTarget, adapter, merge_diagonal, merge_output_transform, mlp_merge_target
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import StopForward, first_tensor, forward_quietly
 from gradmap.core.components import REPAIRS, Repair, calibration_nll, model_device
@@ -87,17 +87,34 @@ def solve_projection(
     return p, info
 
 
-def branch_gain(model: nn.Module, site: int, probe_ids: torch.Tensor, who: str) -> float:
-    """The measured gain c of the site's MLP output in its block output, or a one-line refusal of the layout."""
+def merge_target(model: nn.Module, site: int, probe_ids: torch.Tensor, who: str) -> MergeTarget:
+    """Where the site's MLP-branch transform merges exactly (measured), or a one-line refusal of the layout."""
     adapt = adapter(model)
-    gain = residual_gain(adapt, site, adapt.mlp_out(adapt.layers[site]), probe_ids)
-    if gain is None:
+    target = mlp_merge_target(adapt, site, probe_ids)
+    if target is None:
         raise ValueError(
             f"repair {who!r}: in model type {adapt.model_type!r} the block output is not linear in the MLP output "
-            f"({adapt.layout.mlp_out}; e.g. a norm after the branch), so a projection merged there cannot be fitted "
-            "exactly; use repair=none or another repair"
+            f"({adapt.layout.mlp_out}) nor in a norm after it, so no projection can be merged exactly; "
+            "use repair=none or another repair"
         )
-    return gain
+    return target
+
+
+def solve_diagonal(
+    xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str
+) -> tuple[torch.Tensor, dict]:
+    """Per-channel ridge fit s_i = (Σx_i y_i + λ·t)/(Σx_i² + λ), t = 1 (identity) or 0; P = diag(s).
+
+    The form a post-branch norm's weight can absorb exactly; λ is scaled as in :func:`solve_projection`.
+    """
+    d = xtx.shape[0]
+    lam = lambda_rel * float(torch.trace(xtx)) / d
+    s = (torch.diagonal(xty) + (lam if reg_target == "identity" else 0.0)) / (torch.diagonal(xtx) + lam).clamp_min(
+        1e-300
+    )
+    p = torch.diag(s)
+    eye = torch.eye(d, dtype=p.dtype, device=p.device)
+    return p, {"lambda": lam, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)), "solver": "diagonal"}
 
 
 Visit = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
@@ -248,13 +265,15 @@ class ProjectionRepair(Repair):
         cache: Sequence[torch.Tensor] = (),
         cache_from: int = 0,
         gain: float = 1.0,
+        target: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Accumulate XᵀX and XᵀY (fp64) over the calibration set in one lockstep pass, stopped at the reference.
 
         The dense model runs up to layer ``ref = nxt(site) − 1`` and the pruned one up to the site; with a
         ``cache`` (the stream entering ``cache_from`` per micro-batch, from :meth:`shift_pass`) both start there
         instead of at the embeddings (a pre-hook swaps the cached stream in, so embedding scales and position
-        embeddings added before the first layer stay right). ``gain`` is c in Y = (r − h')/c + m.
+        embeddings added before the first layer stay right). ``gain`` is c in Y = (r − h')/c + m; ``target`` is the
+        module whose output is m (default: the MLP branch's last linear).
         """
         adapt = adapter(model)
         layers = adapt.layers
@@ -290,7 +309,7 @@ class ProjectionRepair(Repair):
             h = cache[cached["k"]]
             return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-        handles = [adapt.mlp_out(layers[site]).register_forward_hook(down_hook)]
+        handles = [(target or adapt.mlp_out(layers[site])).register_forward_hook(down_hook)]
         if cache:
             handles.append(layers[start].register_forward_pre_hook(swap_in, with_kwargs=True))
         try:
@@ -348,23 +367,29 @@ class ProjectionRepair(Repair):
             clock.append(time.perf_counter())
             bar.update(1)
             site = self.choose_site(shifts, nxt, removed)
-            gain = branch_gain(model, site, batches[0][:1, :16].to(model_device(model)), self.name)
-            xtx, xty, stats = self.fit(model, batches, removed, site, cache, cache_from, gain)
+            target = merge_target(model, site, batches[0][:1, :16].to(model_device(model)), self.name)
+            xtx, xty, stats = self.fit(model, batches, removed, site, cache, cache_from, target.gain, target.module)
             clock.append(time.perf_counter())
             del cache
             bar.update(1)
-        p, solve_info = solve_projection(xtx, xty, self.lambda_rel, self.reg_target, with_cond=False)
+        if target.form == "diagonal":
+            p, solve_info = solve_diagonal(xtx, xty, self.lambda_rel, self.reg_target)
+        else:
+            p, solve_info = solve_projection(xtx, xty, self.lambda_rel, self.reg_target, with_cond=False)
         b = p.T
         d = xtx.shape[0]
         resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
-        down = adapter(model).mlp_out(layers[site])
+        down = target.module
         self._original_down = {
             "module": down,
             "weight": down.weight.detach().clone(),
             "xtx": xtx,
             "lambda": solve_info["lambda"],
         }
-        merge_output_transform(down, p)
+        if target.form == "diagonal":
+            merge_diagonal(target, torch.diagonal(p))
+        else:
+            merge_output_transform(down, p)
         return {
             "pass_s": {"shift": clock[1] - clock[0], "fit": clock[2] - clock[1]},
             "layer_forwards": self.layer_forwards(len(layers), removed, site, cache_from),
@@ -373,7 +398,9 @@ class ProjectionRepair(Repair):
             "mse_before": stats["mse_before"],
             "mse_after": resid / (stats["rows"] * d),
             "fit_rows": stats["rows"],
-            "branch_gain": gain,
+            "branch_gain": target.gain,
+            "merge_form": target.form,  # full: P·W_down; diagonal: diag(s) merged into the post-MLP norm
+            "merged_into": type(down).__name__,
             **solve_info,
         }
 
