@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,13 +204,13 @@ def placement_kwargs(spec: dict[str, Any], device: torch.device) -> dict[str, An
         raise ValueError(
             f"model {spec.get('name')!r}: device_map is for hub models only (source={spec.get('source')!r})"
         )
-    if not isinstance(device_map, dict) and device_map not in DEVICE_MAPS:
+    if not isinstance(device_map, Mapping) and device_map not in DEVICE_MAPS:
         raise ValueError(
             f"device_map={device_map!r} is not allowed; allowed: {', '.join(DEVICE_MAPS)} or a module->device dict"
         )
-    kwargs: dict[str, Any] = {"device_map": dict(device_map) if isinstance(device_map, dict) else device_map}
+    kwargs: dict[str, Any] = {"device_map": dict(device_map) if isinstance(device_map, Mapping) else device_map}
     if max_memory:
-        if not isinstance(max_memory, dict):
+        if not isinstance(max_memory, Mapping):
             raise ValueError(f"max_memory={max_memory!r} must map devices (0, 1, ..., cpu, disk) to sizes like '20GiB'")
         parsed = {}
         for key, size in max_memory.items():

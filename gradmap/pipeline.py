@@ -28,7 +28,7 @@ from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
 from gradmap.modelcard import model_folder, push_to_hub, save_pruned_model
-from gradmap.models import cache_root, load_model, resolve_device, resolve_dtype
+from gradmap.models import cache_root, load_model, placement_kwargs, resolve_device, resolve_dtype
 from gradmap.paths import read_text_file
 from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
 from gradmap.sweep import reuse_dense
@@ -334,9 +334,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check every value that can be checked without the model, so a bad override fails in milliseconds."""
     from gradmap.eval.harness import check_eval_config
 
-    resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"])
     resolve_dtype(cfg["dtype"], torch.device("cpu"))
     tasks, source = check_eval_config(cfg["eval"])
+    placement_kwargs(dict(cfg["model"]), device)
     if source == "online" and tasks:
         names = ", ".join(repr(t) for t in tasks)
         check_online_reachable(f"eval=online (tasks {names})", "; offline, use eval=quick, full or smoke")

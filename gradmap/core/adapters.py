@@ -286,6 +286,7 @@ def residual_gain(adapt: DecoderAdapter, index: int, linear: nn.Module, input_id
 
 def merge_output_transform(linear: nn.Module, p: torch.Tensor) -> None:
     """Make the linear's output P·y instead of y (weight and bias), in place: W ← P·W (``Conv1D``: W ← W·Pᵀ)."""
+    _check_resident(linear)
     with torch.no_grad():
         w = linear.weight
         p = p.to(w.device)
@@ -338,7 +339,16 @@ def _weight_offset(norm: nn.Module) -> float:
 
 def merge_diagonal(target: MergeTarget, s: torch.Tensor) -> None:
     """Make the norm's output s ⊙ y instead of y: its effective weight (offset + w) ← s ⊙ (offset + w)."""
+    _check_resident(target.module)
     with torch.no_grad():
         w = target.module.weight
         eff = target.offset + w.double()
         w.copy_((s.to(w.device).double() * eff - target.offset).to(w.dtype))
+
+
+def _check_resident(module: nn.Module) -> None:
+    if module.weight.device.type == "meta":
+        raise ValueError(
+            f"cannot merge into {type(module).__name__}: its weight is offloaded (device_map with cpu/disk offload); "
+            "merged repairs need the site's weights resident, so raise max_memory or use repair=none"
+        )

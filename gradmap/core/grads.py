@@ -39,6 +39,13 @@ def scored_parameters(layer: nn.Module, include_norms: bool = False) -> list[nn.
 @contextmanager
 def gradients_only_for(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Enable grads on ``params`` alone (embeddings, lm_head and norms frozen) and restore the flags after."""
+    offloaded = [p for p in params if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"gradient scores need every scored weight resident on a device, but {len(offloaded)} are offloaded "
+            "(device_map with cpu/disk offload); give the model more GPU memory (max_memory) or use a forward-only "
+            "selector such as shortgpt"
+        )
     saved = {p: p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
     try:

@@ -173,7 +173,7 @@ def _run_lm_eval(
             idx = subset_indices(task.task_name, len(task.eval_docs), limits[name], seed)
             if idx is not None:
                 samples[task.task_name] = idx
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(cfg.get("batch_size", 1)))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
     out = simple_evaluate(
         model=lm,
         tasks=[_requested(loaded, name) for name in tasks],
@@ -221,6 +221,39 @@ def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: t
     }
 
 
+def resolve_batch_size(value: Any) -> int | str:
+    """``eval.batch_size``: a whole number >= 1, or lm-eval's own ``auto`` / ``auto:N`` (largest size that fits,
+    re-detected N times over the run)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str):
+        if value == "auto" or (value.startswith("auto:") and value[5:].isdigit() and int(value[5:]) >= 1):
+            return value
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    raise ValueError(f"eval.batch_size={value!r} is not allowed; allowed: a whole number >= 1, auto, auto:N")
+
+
+def _check_ppl_config(ppl_cfg: Any) -> None:
+    """The ``eval.ppl`` block's keys, dataset and sizes (whole numbers), before any model work."""
+    if not isinstance(ppl_cfg, dict):
+        raise ValueError(f"eval.ppl must be a mapping or null, got {ppl_cfg!r}")
+    _check_keys(ppl_cfg, PPL_KEYS, "eval.ppl.")
+    dataset = ppl_cfg.get("dataset", "wikitext2")
+    if dataset not in PPL_DATASETS:
+        raise ValueError(f"unknown eval.ppl.dataset {dataset!r}; allowed: {', '.join(PPL_DATASETS)}")
+    for key, low, optional in (("window", 2, False), ("stride", 1, True), ("max_windows", 1, True)):
+        value = ppl_cfg.get(key, None if optional else 2048)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"eval.ppl.{key}={value!r} must be a whole number >= {low}{' or null' if optional else ''}"
+            )
+    if not isinstance(ppl_cfg.get("add_bos", False), bool):
+        raise ValueError(f"eval.ppl.add_bos={ppl_cfg.get('add_bos')!r} must be true or false")
+
+
 def check_eval_config(cfg: Mapping[str, Any]) -> tuple[list[str], str]:
     """(tasks, source) of an eval preset, checked without lm-eval or the model, so the pipeline can call it
     before any model work: unknown keys, source, task names (offline: the 7 local tasks only), limits."""
@@ -234,6 +267,12 @@ def check_eval_config(cfg: Mapping[str, Any]) -> tuple[list[str], str]:
     tasks = check_tasks(cfg.get("tasks") or [], source)
     default_metric_map(tasks, source, cfg.get("metric_map"))
     resolve_limits(tasks, cfg.get("limit"))
+    resolve_batch_size(cfg.get("batch_size", 1))
+    seed = cfg.get("subset_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"eval.subset_seed={seed!r} must be a whole number")
+    if cfg.get("ppl"):
+        _check_ppl_config(cfg["ppl"])
     return tasks, source
 
 
