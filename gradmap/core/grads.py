@@ -256,7 +256,7 @@ class FusedWeightGradScorer:
             for m in self.modules[idx]:
                 for buf in self.buffers[m]:
                     if buf is not None:
-                        total = total + reduce_gradient(buf, self.norm)
+                        total = total + reduce_gradient(buf, self.norm).to(total.device)  # layers may be split
             totals[idx] = total
         values = torch.stack([totals[idx] for idx in alive]).double().cpu()  # one device sync per decision
         out = {}

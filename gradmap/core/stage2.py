@@ -234,8 +234,8 @@ class ProjectionRepair(Repair):
                 forward_quietly(body, mb.to(device))
         out = {}
         for j in nxt:
-            ref = dense[refs[j]]
-            diff = float(torch.linalg.vector_norm(pruned[j] - ref))
+            ref = dense[refs[j]].to(device)  # a dispatched model keeps each layer's sums on its own device
+            diff = float(torch.linalg.vector_norm(pruned[j].to(device) - ref))
             if self.shift_stat == "relative":
                 diff /= max(float(torch.linalg.vector_norm(ref)), 1e-30)
             out[j] = diff
