@@ -103,7 +103,6 @@ def test_rerun_of_a_finished_sweep_skips_everything(scenario):
     text = proc.stdout + proc.stderr
     assert summary_line(proc) == "sweep smoke: 4 jobs: 0 ok, 0 reused, 4 skipped, 0 failed"
     assert text.count("skip tiny_llama-") == 4 and "removed layers" not in text
-    assert proc.seconds < 60
     summaries = sorted((scenario["runs"] / "smoke" / ".hydra").glob("multirun-*/summary.json"))
     assert json.loads(summaries[-1].read_text())["counts"] == {"skipped": 4}
 
