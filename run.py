@@ -34,6 +34,8 @@ def main(cfg: DictConfig) -> float | None:
         if not record.get("skipped"):  # execute() already logged the one-line skip
             log.info(final_line(record, Job.from_config(plain).dir / RESULT_FILE))
         return (record.get("metrics") or {}).get("avg")
+    if record["status"] == "busy":  # another process holds this job's claim; execute() logged who
+        return None
     # execute() has logged the error once (with the traceback's path); here only the exit status remains
     if not HydraMultirun.active():
         sys.exit(1)

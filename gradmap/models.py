@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from gradmap.core.cachefiles import private_temp, publish_dir, quarantine
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -119,10 +121,13 @@ def load_gguf(name: str, cache: bool = True, tokenizer_only: bool = False) -> tu
     """A registered GGUF model, dequantized to fp32 once and cached as safetensors; tokenizer from its metadata."""
     cached = cache_root() / "models" / name
     if cache and (cached / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cached)
-        return (
-            None if tokenizer_only else AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-        ), tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+            return (
+                None if tokenizer_only else AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+            ), tokenizer
+        except Exception as err:  # a truncated or corrupted entry: move it aside and rebuild it once
+            quarantine(cached, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
     gguf = gguf_path(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tokenizer_only:
@@ -130,13 +135,21 @@ def load_gguf(name: str, cache: bool = True, tokenizer_only: bool = False) -> tu
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = _plain_copy(model)
     if cache:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_model_cache(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def publish_model_cache(model: nn.Module, tokenizer: Any, cached: Path) -> None:
+    """Write the converted model under a private name, then publish it atomically; a twin that finished first
+    (several jobs on a fresh cache) is kept, never removed under a reader."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = private_temp(cached)
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
-    return model, tokenizer
+        publish_dir(tmp, cached)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_smollm2(cache: bool = True) -> tuple[nn.Module, Any]:
@@ -254,7 +267,9 @@ def load_model(
         model = tiny_llama(seed=int(spec.get("seed", 0)), vocab_size=len(tokenizer), **kw)
     elif source == "hub":
         hub_id = spec["hub_id"]
-        trust = bool(spec.get("trust_remote_code", False))
+        trust = spec.get("trust_remote_code", False)
+        if not isinstance(trust, bool):  # bool("false") is True: only a real boolean may enable remote code
+            raise ValueError(f"model.trust_remote_code={trust!r} is not a boolean; allowed: true, false")
         try:
             tokenizer = AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust)
             if tokenizer_only:

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from gradmap.config import validate
 from gradmap.core.calib import build_calibration
-from gradmap.core.components import METHODS, REPAIRS, NonFiniteError, model_device
+from gradmap.core.components import NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
 from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
@@ -30,7 +31,15 @@ from gradmap.faults import inject as inject_fault
 from gradmap.modelcard import model_folder, push_to_hub, save_pruned_model
 from gradmap.models import cache_root, load_model, placement_kwargs, resolve_device, resolve_dtype
 from gradmap.paths import read_text_file
-from gradmap.results import RESULT_FILE, atomic_write_json, atomic_write_text, read_result, stable_hash, versions
+from gradmap.results import (
+    RESULT_FILE,
+    JobClaim,
+    atomic_write_json,
+    atomic_write_text,
+    check_record,
+    stable_hash,
+    versions,
+)
 from gradmap.sweep import reuse_dense
 from gradmap.tracking import Tracker, artifact_name, make_tracker, resolve_mode
 
@@ -73,7 +82,10 @@ class Job:
         repair = cfg["repair"].get("name")
         parts = [cfg["model"]["name"], method] + ([repair] if repair and method != "none" else []) + [amount]
         name = "-".join(str(p) for p in parts)
-        return cls(job_id, name, Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}", identity)
+        folder = Path(cfg["runs_dir"]) / str(cfg["sweep"]) / f"{name}-{job_id}"
+        if not folder.resolve().is_relative_to(Path(cfg["runs_dir"]).resolve()) or "/" in name:
+            raise ValueError(f"job folder {str(folder)!r} would lie outside runs_dir={str(cfg['runs_dir'])!r}")
+        return cls(job_id, name, folder, identity)
 
 
 def device_label(cfg: Mapping[str, Any]) -> str:
@@ -331,11 +343,12 @@ def check_writable(folder: Path) -> None:
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
-    """Check every value that can be checked without the model, so a bad override fails in milliseconds."""
+    """Check every value that can be checked without the model (gradmap/config.py), so a bad override fails in
+    milliseconds, before any folder is created; then the device, placement, eval tasks and what needs the network."""
     from gradmap.eval.harness import check_eval_config
 
+    validate(cfg)
     device = resolve_device(cfg["device"])
-    resolve_dtype(cfg["dtype"], torch.device("cpu"))
     tasks, source = check_eval_config(cfg["eval"])
     placement_kwargs(dict(cfg["model"]), device)
     if source == "online" and tasks:
@@ -346,22 +359,6 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         if not (cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model")):
             raise ValueError(f"push_to_hub={cfg['push_to_hub']!r} needs save_model=true")
         check_online_reachable(f"push_to_hub={cfg['push_to_hub']!r}")
-    preset = METHODS.get(cfg["method"]["name"])
-    if cfg["repair"].get("name") is not None:
-        REPAIRS.get(cfg["repair"]["name"])
-    p = cfg["prune"]
-    if preset.selector is not None:
-        if p.get("ratio") is not None and p.get("n_remove") is not None:
-            raise ValueError(
-                f"give prune.ratio or prune.n_remove, not both (got ratio={p['ratio']}, n_remove={p['n_remove']})"
-            )
-        ratio = effective_prune(p).get("ratio")
-        if p.get("n_remove") is None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
-            raise ValueError(f"prune.ratio={ratio!r} is out of range; allowed: 0 < ratio < 1")
-    for key in ("n_samples", "seq_len"):
-        value = cfg["calib"].get(key)
-        if not isinstance(value, int) or value < (2 if key == "seq_len" else 1):
-            raise ValueError(f"calib.{key}={value!r} must be a whole number >= {2 if key == 'seq_len' else 1}")
 
 
 def one_line_error(err: BaseException) -> str:
@@ -376,12 +373,25 @@ def one_line_error(err: BaseException) -> str:
 
 
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one job end to end; never raise for a job failure. Returns the record that was written."""
+    """Run one job end to end; never raise for a job failure. Returns the record that was written.
+
+    Order matters: the config is validated before anything is created; a finished (valid, ok) record is kept
+    unless ``force``; the job folder is claimed so a second process skips it; and the new record replaces the
+    old one only once it is complete (a killed ``force=true`` rerun leaves the old result as it was).
+    """
+    try:
+        validate_config(cfg)
+    except ValueError as err:
+        message = one_line_error(err)
+        log.error("invalid config, nothing run or written: %s", message)
+        return {"status": "failed", "job_name": "(invalid config)", "job_id": None, "error": message}
     job = Job.from_config(cfg)
-    done = read_result(job.dir)
-    if done is not None and done.get("status") == "ok" and not cfg.get("force", False):
-        log.info("skip %s: finished result in %s", job.name, job.dir / RESULT_FILE)
-        return {**done, "skipped": True}
+    done = check_record(job.dir)
+    if done.status == "ok" and not cfg.get("force", False):
+        log.info("skip %s: finished result in %s", job.name, done.path)
+        return {**(done.record or {}), "skipped": True}
+    if done.status == "corrupt":
+        log.warning("recompute %s: %s is corrupt (%s)", job.name, done.path, done.problem)
     try:
         check_writable(job.dir)
     except OSError as err:  # nowhere to record anything: say so before any model work
@@ -391,8 +401,24 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     reused = reuse_dense(cfg, job.job_id, job.name, job.dir)  # method=none: a finished twin in any sweep
     if reused is not None:
         return reused
-    for stale in (RESULT_FILE, "error.log"):  # a failed run's record must not outlive a rerun that gets killed
-        (job.dir / stale).unlink(missing_ok=True)
+    claim = JobClaim(job.dir)
+    holder = claim.acquire()
+    if holder is not None:
+        message = f"{holder} is computing this job now ({claim.path}); skipped here so it is not computed twice"
+        log.warning("skip %s: %s", job.name, message)
+        return {"status": "busy", "job_name": job.name, "job_id": job.job_id, "error": message}
+    try:
+        done = check_record(job.dir)  # a twin may have finished between the first look and the claim
+        if done.status == "ok" and not cfg.get("force", False):
+            log.info("skip %s: finished result in %s", job.name, done.path)
+            return {**(done.record or {}), "skipped": True}
+        return _run_claimed(cfg, job)
+    finally:
+        claim.release()
+
+
+def _run_claimed(cfg: Mapping[str, Any], job: Job) -> dict[str, Any]:
+    """The job itself, its folder claimed: log to job.log, run, write the record atomically, close the tracker."""
     log.info("start %s: folder %s, device %s, dtype %s", job.name, job.dir, device_label(cfg), job.identity["dtype"])
     handler = logging.FileHandler(job.dir / "job.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -400,7 +426,6 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     tracker: Tracker = Tracker()
     exit_code = 1
     try:
-        validate_config(cfg)
         tracker = make_tracker(cfg, job.job_id, job.name, job.dir)
         out = run_job(cfg, job, tracker)
         exit_code = 0
@@ -412,7 +437,9 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-    atomic_write_json(job.dir / RESULT_FILE, out)
+    atomic_write_json(job.dir / RESULT_FILE, out)  # replaces an older record only now, complete
+    if out["status"] == "ok":
+        (job.dir / "error.log").unlink(missing_ok=True)  # a failed earlier attempt's traceback is stale now
     try:
         tracker.log_job(out, job.dir)
         if out.get("saved_model") and (cfg.get("tracker") or {}).get("log_model"):

@@ -5,7 +5,10 @@ Hydra has no resume. Ours rests on one fact: a job's folder ``runs/<sweep>/<name
 
 * ``ok`` → the rerun skips the job (``gradmap.pipeline.execute``), with no model work;
 * ``failed`` → the rerun tries it again (the old ``error.log`` is overwritten);
-* no ``result.json`` (killed, pre-empted, still running) → the rerun redoes it.
+* no ``result.json`` (killed, pre-empted, still running) → the rerun redoes it;
+* a ``result.json`` that is not a valid record (:func:`gradmap.results.check_record`: truncated, not an object,
+  an ok status without metrics, removed layers or timing, non-finite values) → ``corrupt``, listed with its path,
+  redone by the rerun.
 
 :func:`scan` reads those states for ``python -m gradmap.sweep runs/<sweep>`` and for the report.
 
@@ -37,7 +40,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from gradmap.results import RESULT_FILE, atomic_write_json, read_result
+from gradmap.results import RESULT_FILE, atomic_write_json, check_record, read_result
 
 log = logging.getLogger("gradmap.sweep")
 
@@ -71,23 +74,21 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
 
 
 def scan(sweep_dir: str | Path) -> list[JobState]:
-    """The state of every job folder under ``sweep_dir``."""
+    """The state of every job folder under ``sweep_dir``: ok, failed, corrupt (a result.json that cannot be used,
+    with the reason and path in ``error``) or incomplete (no result.json but a job.log)."""
     states = []
     for folder in job_dirs(sweep_dir):
-        record = read_result(folder)
-        if record is None:
+        found = check_record(folder)
+        if found.status == "missing":
             if not (folder / "job.log").exists():  # not a job folder (e.g. a user's notes)
                 continue
             states.append(JobState(folder.name, folder, "incomplete"))
+        elif found.status == "corrupt":
+            states.append(JobState(folder.name, folder, "corrupt", f"{found.path}: {found.problem}"))
         else:
+            record = found.record or {}
             states.append(
-                JobState(
-                    record.get("job_name", folder.name),
-                    folder,
-                    str(record.get("status")),
-                    record.get("error"),
-                    record.get("reused_from"),
-                )
+                JobState(record["job_name"], folder, record["status"], record.get("error"), record.get("reused_from"))
             )
     return states
 
@@ -186,9 +187,11 @@ def _task_config(config: DictConfig) -> dict[str, Any]:
 
 
 def _job_of(config: DictConfig) -> tuple[str, Path]:
-    from gradmap.pipeline import Job  # the pipeline imports torch; load it only inside a job
+    from gradmap.pipeline import Job, validate_config  # the pipeline imports torch; load it only inside a job
 
-    job = Job.from_config(_task_config(config))
+    task = _task_config(config)
+    validate_config(task)  # an invalid config has no job folder: the job counts as failed with this line
+    job = Job.from_config(task)
     return job.name, job.dir
 
 
@@ -230,7 +233,10 @@ class SweepSummary(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._before = None
         if self._multirun(config):
-            self._before = read_result(_job_of(config)[1])
+            try:
+                self._before = read_result(_job_of(config)[1])
+            except Exception:  # an invalid config: on_job_end records the failure
+                self._before = None
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         if not self._multirun(config):
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(states)} jobs: "
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        + "; a rerun of the sweep redoes every job that is not ok"
+        + "; a rerun of the sweep redoes every job that is not ok (corrupt and incomplete ones included)"
     )
     return 0
 

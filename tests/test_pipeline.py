@@ -88,19 +88,25 @@ def test_finished_job_is_skipped(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["prune.ratio=1.5"], "prune.ratio=1.5 is out of range; allowed: 0 < ratio < 1"),
+        (["prune.ratio=1.5"], "prune.ratio=1.5 is out of range; allowed: 0 < prune.ratio < 1"),
         (["prune.ratio=0.25", "prune.n_remove=2"], "not both"),
         (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
         (["prune.ratio=0.01"], "rounds to 0 layers"),
-        (["dtype=float8"], "unknown dtype 'float8'"),
-        (["calib.seq_len=100000000"], "too short for windows of 100000000 tokens"),
-        (["calib.seq_len=5000"], "calib.seq_len=5000 exceeds the model's max_position_embeddings=4096"),
+        (["dtype=float8"], "dtype='float8' is not allowed"),
+        (["calib.seq_len=100000000"], "calib.n_samples x calib.seq_len = 2 x 100000000"),
     ],
 )
-def test_bad_values_fail_the_job_with_one_line(tmp_path, overrides, message):
+def test_bad_values_fail_before_anything_is_written(tmp_path, overrides, message):
     rec = execute(config(tmp_path, "eval=none", *overrides))
     assert rec["status"] == "failed"
     assert message in rec["error"] and "\n" not in rec["error"]
+    assert not any(tmp_path.iterdir()), "an invalid config creates no job folder"
+
+
+def test_errors_found_after_loading_are_recorded_with_a_traceback(tmp_path):
+    rec = execute(config(tmp_path, "eval=none", "calib.seq_len=5000"))
+    assert rec["status"] == "failed"
+    assert "calib.seq_len=5000 exceeds the model's max_position_embeddings=4096" in rec["error"]
     job_dir = Path(rec["config"]["runs_dir"]) / rec["sweep"] / f"{rec['job_name']}-{rec['job_id']}"
     assert (job_dir / "error.log").is_file()
 
@@ -109,7 +115,7 @@ def test_unwritable_runs_dir_fails_before_model_work(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     rec = execute(config(tmp_path, f"runs_dir={blocked}"))
-    assert rec["status"] == "failed" and "is not usable" in rec["error"]
+    assert rec["status"] == "failed" and f"runs_dir='{blocked}' is a file, not a folder" in rec["error"]
 
 
 def test_unknown_group_value_gets_did_you_mean():

@@ -11,6 +11,9 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from gradmap.core.cachefiles import private_temp, publish_file, quarantine
 
 
 class CalibrationError(ValueError):
@@ -28,6 +31,12 @@ def sample_windows(
         raise CalibrationError(
             f"calibration text has {token_ids.numel()} tokens, too short for windows of {seq_len} tokens; "
             "use a shorter calib.seq_len or a longer text"
+        )
+    if n_samples * body > token_ids.numel():
+        raise CalibrationError(
+            f"calib.n_samples x calib.seq_len = {n_samples} x {seq_len} needs {n_samples * body} text tokens but the "
+            f"calibration text has {token_ids.numel()}; allowed: n_samples <= {token_ids.numel() // body} "
+            "at this seq_len (more would sample the same text many times over)"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - body, (n_samples,), generator=generator)
@@ -60,18 +69,36 @@ def build_calibration(
             ]
         ).encode()
     ).hexdigest()[:16]
-    cache_file = Path(cache_dir) / f"calib-{key}.pt" if cache_dir else None
+    cache_file = Path(cache_dir) / f"calib-{key}.safetensors" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
-        return torch.load(cache_file)
+        cached = _load_cached(cache_file, n_samples, seq_len)
+        if cached is not None:
+            return cached
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos_id = tokenizer.bos_token_id if add_bos else None
     windows = sample_windows(ids, n_samples, seq_len, seed, bos_id)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save(windows, tmp)
-        tmp.replace(cache_file)
+        tmp = private_temp(cache_file)
+        try:
+            save_file({"windows": windows.contiguous()}, str(tmp))
+            publish_file(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
     return windows
+
+
+def _load_cached(cache_file: Path, n_samples: int, seq_len: int) -> torch.Tensor | None:
+    """The cached windows, or None after moving a corrupt entry aside. safetensors, never pickle: a planted file
+    cannot run code even where TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 overrides ``torch.load(weights_only=True)``."""
+    try:
+        windows = load_file(str(cache_file))["windows"]
+        if tuple(windows.shape) != (n_samples, seq_len) or windows.dtype != torch.long:
+            raise ValueError(f"holds {tuple(windows.shape)} {windows.dtype}, expected ({n_samples}, {seq_len}) int64")
+        return windows
+    except Exception as err:  # any unreadable entry: rebuild it rather than fail every later job
+        quarantine(cache_file, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+        return None
 
 
 def microbatches(calib_ids: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradmap.report.common import CLAIM, DEFAULT_AVERAGING
+from gradmap.report.common import CLAIM, DEFAULT_AVERAGING, log
 from gradmap.report.plots import (
     plot_gradmap_stages,
     plot_metric_vs_ratio,
@@ -62,7 +62,9 @@ def tables(
         raise FileNotFoundError(f"sweep folder {str(sweep_dir)!r} does not exist; give runs/<sweep>")
     rows, jobs, records = load(sweep_dir)
     if rows.empty:
-        raise ValueError(f"no ok result.json under {sweep_dir} ({len(jobs)} job folders); nothing to report")
+        raise ValueError(
+            f"no ok result.json under {sweep_dir} ({len(jobs)} job folders); nothing to report" + unusable_note(jobs)
+        )
     main = main_table(aggregate(rows), averaging)
     return main, speedup_table(main, averaging), jobs, records
 
@@ -107,10 +109,25 @@ def build(
     files.plots += plot_gradmap_stages(records, main, files.out)
 
     files.verdict = files.out / "verdict.md"
-    files.verdict.write_text(verdict(main, speed, averaging, claim), encoding="utf-8")
+    note = unusable_note(jobs)
+    text = verdict(main, speed, averaging, claim)
+    files.verdict.write_text((f"**Not used:**{note.removeprefix(';')}\n\n" if note else "") + text, encoding="utf-8")
     files.index = files.out / "README.md"
     files.index.write_text(index_md(sweep_dir, files, jobs), encoding="utf-8")
     return files
+
+
+def unusable_note(jobs: pd.DataFrame) -> str:
+    """``; not used: ...`` naming every job folder whose result could not be used (never dropped silently)."""
+    bad = jobs[jobs["status"] != "ok"]
+    if bad.empty:
+        return ""
+    for row in bad[bad["status"] == "corrupt"].itertuples():
+        log.warning("not used: %s", row.error)
+    listed = "; ".join(
+        f"{r.error} (corrupt)" if r.status == "corrupt" else f"{r.folder} ({r.status})" for r in bad.itertuples()
+    )
+    return f"; not used ({len(bad)} job folders, rerun the sweep to redo them): {listed}"
 
 
 def index_md(sweep_dir: Path, files: ReportFiles, jobs: pd.DataFrame) -> str:
