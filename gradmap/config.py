@@ -232,10 +232,12 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
         raise ConfigError(f"{key}=null is not allowed; give {_type_name(options[0])}")
     inner = options[0]
     if not _matches(value, inner):
-        what = "allowed" if get_origin(inner) is Literal else _type_name(inner)
-        raise ConfigError(f"{key}={value!r} is not {what}; allowed: {_allowed(inner, meta, key)}")
+        if get_origin(inner) is Literal:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {_type_name(inner)}")
+        ranged = f"; allowed: {_range_text(meta, key)}" if {"ge", "gt", "le", "lt"} & set(meta) else ""
+        raise ConfigError(f"{key}={value!r} is not {_type_name(inner)}{ranged}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} is not finite; allowed: {_allowed(inner, meta, key)}")
+        raise ConfigError(f"{key}={value!r} is not finite; give a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         bad = (
             ("ge" in meta and value < meta["ge"])
@@ -249,11 +251,6 @@ def check_value(key: str, value: Any, tp: Any, meta: Mapping[str, Any] | None = 
         _wrap(paths.check_name, key, value)
     if dataclasses.is_dataclass(inner):
         check_section(value, inner, key)
-
-
-def _allowed(tp: Any, meta: Mapping[str, Any], key: str) -> str:
-    text = _type_name(tp)
-    return f"{text}, {_range_text(meta, key)}" if {"ge", "gt", "le", "lt"} & set(meta) else text
 
 
 def unknown_key(key: str, allowed: list[str]) -> ConfigError:

@@ -15,6 +15,8 @@ Kinds (all fire after pruning, before evaluation and before ``result.json`` is w
 * ``raise`` — raise :class:`InjectedFault`; the pipeline records ``status: failed`` and ``error.log``.
 * ``nan`` — fill every floating-point parameter of the pruned model with NaN, as a numerical blow-up would;
   what the evaluation and the record make of that is what the test is about.
+* ``slow`` — sleep ``SLOW_SECONDS`` and carry on: holds the job's claim long enough for a second process on the
+  same job to find it taken (``make chaos``).
 * ``kill`` — ``os._exit(KILL_EXIT_CODE)``: the process dies like an OOM-killed or pre-empted job, with no
   ``finally`` blocks run, so no ``result.json`` is written and a rerun must redo the job.
 
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 ENV_SPEC = "GRADMAP_TEST_FAULT"
 ENV_ALLOW = "GRADMAP_ALLOW_FAULTS"
-KINDS = ("raise", "nan", "kill")
+KINDS = ("raise", "nan", "kill", "slow")
+SLOW_SECONDS = 20.0  # long enough for a second process started at the same time to find the job claimed
 KILL_EXIT_CODE = 137  # what a SIGKILLed process reports to its shell
 
 
@@ -95,6 +98,11 @@ def inject(job_name: str, model: nn.Module | None = None) -> None:
     log.warning("injecting test fault %r into %s", kind, job_name)
     if kind == "raise":
         raise InjectedFault(f"injected test fault in {job_name}")
+    if kind == "slow":
+        import time
+
+        time.sleep(SLOW_SECONDS)
+        return
     if kind == "nan":
         if model is None:
             raise ValueError("fault kind 'nan' needs the model")

@@ -96,5 +96,10 @@ def check_shipped_file(path: str | Path, key: str) -> None:
     if _sha256(path.resolve(), stat.st_mtime_ns, stat.st_size) != expected:
         raise ValueError(
             f"{key}: data file {str(path)!r} is not the shipped one (sha256 differs from data/SOURCES.md, "
-            f"{stat.st_size} bytes); restore it with `git checkout -- {path.resolve().relative_to(REPO_ROOT)}`"
+            f"{stat.st_size} bytes); restore it with `git checkout -- {_repo_relative(path)}`"
         )
+
+
+def _repo_relative(path: Path) -> str:
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else "data/"

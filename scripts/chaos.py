@@ -1,4 +1,5 @@
-"""`make chaos`: a 12-job tiny_llama sweep with 3 injected faults must lose only those 3 jobs.
+"""`make chaos`: a 12-job tiny_llama sweep with 3 injected faults must lose only those 3 jobs, and five more faults
+against the result writer, resume, claims and caches must each lose nothing.
 
 Faults (through the test-only switch in gradmap/faults.py, which needs GRADMAP_ALLOW_FAULTS=1):
 an exception, NaN weights after pruning, and a killed process (os._exit, no cleanup). Each job runs in its own
@@ -7,6 +8,12 @@ process (hydra/launcher=local, submitit), as on a cluster, so a killed job canno
 Checks: after the faulty sweep, the 9 other results are ok; the exception and the NaN are recorded as failed
 with a one-line error; the killed job left no result.json. A rerun without faults then recomputes exactly those
 3 jobs and leaves the 9 finished result files byte for byte as they were.
+
+Then: SIGKILL 20 times while a process rewrites a large result.json (the file is always a complete old or new
+record); a ``force=true`` rerun killed after pruning (the finished result survives byte for byte); a truncated and a
+stub ``{"status": "ok"}`` record (``gradmap.sweep`` lists both as corrupt by path, the rerun recomputes exactly those
+two); two processes started on one job (it is computed once, the other says it is claimed); two jobs started together
+on an empty cache with the default model (both finish: atomic cache publish). Each check prints what it proved.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -26,7 +34,10 @@ RATIOS = ["0.25", "0.5"]
 FAULTS = {"tiny_llama-shortgpt-r0.25": "raise", "tiny_llama-taylor-r0.5": "nan", "tiny_llama-angular-r0.25": "kill"}
 
 
-def sweep(runs: Path, faults: dict[str, str] | None) -> subprocess.CompletedProcess:
+BASE = ["eval=none", "tracker=none", "calib.n_samples=2", "calib.seq_len=32", "speed.enabled=false"]
+
+
+def environment(faults: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADMAP_TEST_FAULT")}
     env.update({"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     if faults:
@@ -36,6 +47,11 @@ def sweep(runs: Path, faults: dict[str, str] | None) -> subprocess.CompletedProc
                 "GRADMAP_TEST_FAULT": ",".join(f"{job}:{kind}" for job, kind in faults.items()),
             }
         )
+    return env | extra
+
+
+def sweep(runs: Path, faults: dict[str, str] | None) -> subprocess.CompletedProcess:
+    env = environment(faults)
     cmd = [
         sys.executable,
         "run.py",
@@ -104,7 +120,120 @@ def main() -> None:
     check(all(final[name]["bytes"] == after[name]["bytes"] for name in ok), "the 9 finished results are untouched")
     recomputed = {name for name in jobs if name not in ok and final[name]["bytes"] != after.get(name, {}).get("bytes")}
     check(recomputed == set(FAULTS), f"the rerun computed exactly the 3 faulty jobs: {sorted(recomputed)}")
+    kill_the_writer(runs)
+    force_rerun_killed(runs)
+    corrupt_and_stub_records(runs, final)
+    two_processes_one_job(runs)
+    two_jobs_empty_cache(runs)
     print(f"chaos passed ({runs})")
+
+
+WRITER = """
+import sys
+from gradmap.results import atomic_write_json
+big = {"status": "ok", "pad": "x" * 2_000_000}
+i = 0
+while True:
+    atomic_write_json(sys.argv[1], {**big, "version": i})
+    i += 1
+"""
+
+
+def kill_the_writer(runs: Path, kills: int = 20) -> None:
+    """SIGKILL a process that rewrites a 2 MB result.json in a loop, 20 times, at random moments."""
+    target = runs / "writer" / "result.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    seen = set()
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT, env=environment())
+        time.sleep(random.uniform(0.3, 1.5))
+        proc.kill()
+        proc.wait()
+        if target.exists():
+            seen.add(json.loads(target.read_text())["version"])  # raises if the file is ever half-written
+    check(
+        bool(seen),
+        f"SIGKILL x{kills} during result writes: result.json was a complete record after every kill "
+        f"(versions {sorted(seen)[:5]}...): writes are atomic",
+    )
+
+
+def single(runs: Path, sweep_name: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "run.py", "model=tiny_llama", *BASE, f"sweep={sweep_name}", f"runs_dir={runs}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def force_rerun_killed(runs: Path) -> None:
+    """force=true on a finished job, killed after pruning: the old result must survive."""
+    (path,) = [p for p in (runs / "chaos").glob("tiny_llama-gradmap-r0.25-*/result.json")]
+    before = path.read_bytes()
+    proc = single(
+        runs, "chaos", "method=gradmap", "prune.ratio=0.25", "force=true", env=environment({"gradmap-r0.25": "kill"})
+    )
+    out = proc.communicate(timeout=900)[0].decode()
+    check(proc.returncode == 137 and "injecting test fault 'kill'" in out, "force=true rerun was killed mid-run")
+    check(path.read_bytes() == before, "force=true killed mid-run: the finished result.json is byte for byte intact")
+
+
+def corrupt_and_stub_records(runs: Path, final: dict[str, dict]) -> None:
+    """A truncated and a stub record are listed as corrupt and recomputed; nothing else is touched."""
+    truncated = next((runs / "chaos").glob("tiny_llama-random-r0.25-*/result.json"))
+    stub = next((runs / "chaos").glob("tiny_llama-last_n-r0.5-*/result.json"))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    stub.write_text('{"status": "ok"}')
+    status = subprocess.run(
+        [sys.executable, "-m", "gradmap.sweep", str(runs / "chaos")], cwd=ROOT, env=environment(), capture_output=True
+    ).stdout.decode()
+    check(
+        status.count("corrupt") >= 2 and str(truncated) in status and str(stub) in status,
+        "gradmap.sweep lists the truncated and the stub record as corrupt, by path",
+    )
+    rerun = sweep(runs, None)
+    check(rerun.returncode == 0, "rerun after corrupting two records succeeds")
+    after = results(runs)
+    redone = {n for n, r in after.items() if r["bytes"] != final[n]["bytes"]}
+    check(
+        redone == {"tiny_llama-random-r0.25", "tiny_llama-last_n-r0.5"}
+        and all(r["record"]["status"] == "ok" for r in after.values()),
+        f"the rerun recomputed exactly the corrupt and the stub record: {sorted(redone)}",
+    )
+
+
+def two_processes_one_job(runs: Path) -> None:
+    """Two processes on one job at once: one computes it (held 20 s by the slow fault), the other skips."""
+    env = environment({"sleb-r0.25": "slow"})
+    procs = [single(runs, "claims", "method=sleb", "prune.ratio=0.25", env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0].decode() for p in procs]
+    log_text = next((runs / "claims").glob("tiny_llama-sleb-r0.25-*/job.log")).read_text()
+    check(
+        all(p.returncode == 0 for p in procs)
+        and log_text.count("removed layers") == 1
+        and sum("is computing this job now" in o for o in outs) == 1,
+        "two processes on one job: computed once; the second said the job is claimed and skipped it",
+    )
+
+
+def two_jobs_empty_cache(runs: Path) -> None:
+    """Two jobs of the default model started together on an empty cache (model and calibration) both finish."""
+    cache = runs / "empty-cache"
+    env = environment(GRADMAP_CACHE=str(cache))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "run.py", "model=smollm2_135m", *BASE, "sweep=cache", f"runs_dir={runs}", f"method={m}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for m in ("shortgpt", "angular")
+    ]
+    outs = [p.communicate(timeout=1800)[0].decode() for p in procs]
+    ok = [json.loads(p.read_text())["status"] for p in (runs / "cache").glob("*/result.json")]
+    check(
+        all(p.returncode == 0 for p in procs) and ok == ["ok", "ok"] and (cache / "models" / "smollm2_135m").is_dir(),
+        "two jobs on an empty cache both finished (private temp names, atomic publish, finished twin kept)"
+        + ("" if all(p.returncode == 0 for p in procs) else f": {outs[0][-300:]} {outs[1][-300:]}"),
+    )
 
 
 if __name__ == "__main__":
