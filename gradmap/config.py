@@ -69,7 +69,7 @@ class SpeedSchema:
     gen_len: int = rule(ge=1, le=1_048_576)
     repeats: int = rule(ge=1, le=10_000)
     warmup: int = rule(ge=0, le=10_000)
-    min_time_s: float = rule(ge=0, le=3600)
+    min_time_s: float = rule(ge=0, le=600)
     batch_size: int = rule(ge=1, le=65536)
 
 

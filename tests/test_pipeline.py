@@ -93,7 +93,8 @@ def test_finished_job_is_skipped(tmp_path):
         (["prune.n_remove=8"], "prune.n_remove=8 is too large"),
         (["prune.ratio=0.01"], "rounds to 0 layers"),
         (["dtype=float8"], "dtype='float8' is not allowed"),
-        (["calib.seq_len=100000000"], "calib.n_samples x calib.seq_len = 2 x 100000000"),
+        (["calib.seq_len=100000000"], "calib.seq_len=100000000 is out of range"),
+        (["calib.n_samples=100000"], "calib.n_samples x calib.seq_len = 100000 x 32"),
     ],
 )
 def test_bad_values_fail_before_anything_is_written(tmp_path, overrides, message):
