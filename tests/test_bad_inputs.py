@@ -47,7 +47,7 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("speed batch 0", ["speed.batch_size=0"], "speed.batch_size=0 is out of range"),
     ("misspelt speed key", ["+speed.warmpu=1"], "unknown key speed.warmpu (did you mean speed.warmup?)"),
     ("eval batch 0", ["eval.batch_size=0"], "eval.batch_size=0 is out of range"),
-    ("unknown task", ["eval.tasks=[foo]"], "unknown eval task 'foo'"),
+    ("unknown task", ["eval.tasks=[foo]"], "eval task 'foo' needs eval=online"),
     ("task listed twice", ["eval.tasks=[piqa,piqa]"], "eval tasks listed twice"),
     ("negative item limit", ["eval.limit=-3"], "eval.limit for 'boolq' must be a positive int or null, got -3"),
     (
@@ -56,7 +56,7 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
         "eval.limit names ['boolq']",
     ),
     ("unknown eval source", ["eval.source=web"], "eval.source='web' is not allowed"),
-    ("unknown metric map", ["eval.metric_map=f1"], "eval.metric_map must be null, default, acc, acc_norm"),
+    ("unknown metric map", ["eval.metric_map=f1"], "eval.metric_map['boolq'] = 'f1'; allowed: acc, acc_norm"),
     ("perplexity window 1", ["eval.ppl.window=1"], "eval.ppl.window=1 is out of range"),
     ("stride above window", ["eval.ppl.stride=4096"], "eval.ppl.stride=4096 is out of range"),
     ("max_windows 0", ["eval.ppl.max_windows=0"], "eval.ppl.max_windows=0 is out of range"),

@@ -56,7 +56,7 @@ def valid_record(job: pipeline.Job, **extra) -> dict:
     }
 
 
-def fake_run_job(cfg, job):
+def fake_run_job(cfg, job, tracker=None):
     return valid_record(job, finished_at="recomputed")
 
 
@@ -145,7 +145,7 @@ def test_killed_force_rerun_keeps_the_finished_result(tmp_path):
     script = (
         "import json, sys, time\n"
         "from gradmap import pipeline\n"
-        "pipeline.run_job = lambda cfg, job: time.sleep(120)\n"
+        "pipeline.run_job = lambda *a: time.sleep(120)\n"
         "pipeline.execute(json.loads(sys.argv[1]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -167,7 +167,7 @@ def test_second_process_on_a_claimed_job_skips_and_says_so(tmp_path, monkeypatch
     job.dir.mkdir(parents=True)
     holder = JobClaim(job.dir)
     assert holder.acquire() is None
-    monkeypatch.setattr(pipeline, "run_job", lambda cfg, job: pytest.fail("computed twice"))
+    monkeypatch.setattr(pipeline, "run_job", lambda *a: pytest.fail("computed twice"))
     with caplog.at_level(logging.WARNING, logger="gradmap"):
         out = pipeline.execute(cfg)
     assert out["status"] == "busy" and f"pid {os.getpid()}" in out["error"]

@@ -211,7 +211,9 @@ def test_report_run_takes_project_group_and_mode_from_the_sweep(tmp_path, monkey
     monkeypatch.delenv("WANDB_MODE", raising=False)
     job = tmp_path / "mysweep" / "job-1"
     tracker = {"name": "wandb", "project": "proj", "entity": "team", "mode": "offline"}
-    atomic_write_json(job / "result.json", {"status": "ok", "config": {"tracker": tracker}})
+    record = {"status": "ok", "job_name": "job", "model": "m", "method": "none", "n_layers": 2, "n_remove": 0}
+    record |= {"removed_layers": [], "timing": {"select_s": 0, "repair_s": 0, "prune_s": 0}, "metrics": {}}
+    atomic_write_json(job / "result.json", {**record, "config": {"tracker": tracker}})  # a valid record only
     init = report_init(tmp_path / "mysweep", tmp_path / "out")
     assert (init["project"], init["entity"], init["group"], init["job_type"]) == ("proj", "team", "mysweep", "report")
     assert init["mode"] == "offline" and init["id"] == report_init(tmp_path / "mysweep", tmp_path / "x")["id"]
