@@ -375,9 +375,8 @@ def one_line_error(err: BaseException) -> str:
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one job end to end; never raise for a job failure. Returns the record that was written.
 
-    Order matters: the config is validated before anything is created; a finished (valid, ok) record is kept
-    unless ``force``; the job folder is claimed so a second process skips it; and the new record replaces the
-    old one only once it is complete (a killed ``force=true`` rerun leaves the old result as it was).
+    Order matters: the config is validated before anything is created; a valid ok record is kept unless ``force``;
+    the folder is claimed so a second process skips it; the new record replaces the old one only when complete.
     """
     try:
         validate_config(cfg)
