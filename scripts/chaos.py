@@ -132,7 +132,7 @@ WRITER = """
 import sys
 from gradmap.results import atomic_write_json
 big = {"status": "ok", "pad": "x" * 2_000_000}
-i = 0
+i = int(sys.argv[2])
 while True:
     atomic_write_json(sys.argv[1], {**big, "version": i})
     i += 1
@@ -144,17 +144,20 @@ def kill_the_writer(runs: Path, kills: int = 20) -> None:
     target = runs / "writer" / "result.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     seen = set()
-    for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT, env=environment())
-        time.sleep(random.uniform(0.3, 1.5))
+    for k in range(kills):
+        start = (k + 1) * 1_000_000  # this writer's versions, so the kill lands while it is writing
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(start)], cwd=ROOT, env=environment())
+        deadline = time.time() + 300
+        while time.time() < deadline and not (target.exists() and json.loads(target.read_text())["version"] >= start):
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.05, 0.5))
         proc.kill()
         proc.wait()
-        if target.exists():
-            seen.add(json.loads(target.read_text())["version"])  # raises if the file is ever half-written
+        seen.add(json.loads(target.read_text())["version"] // 1_000_000)  # raises if the file is ever half-written
     check(
-        bool(seen),
-        f"SIGKILL x{kills} during result writes: result.json was a complete record after every kill "
-        f"(versions {sorted(seen)[:5]}...): writes are atomic",
+        seen == set(range(1, kills + 1)),
+        f"SIGKILL x{kills} while a writer rewrote result.json: after every kill it was a complete record "
+        "written by that writer: writes are atomic",
     )
 
 
