@@ -4,6 +4,36 @@ The registries in ``gradmap.core.components`` import this package on first looku
 imported here.
 """
 
-from baselines import angular, last_n, layer_replace, ppl, random_layers, shortgpt, sleb, streamline, taylor
+from baselines import (
+    angular,
+    blockpruner,
+    laco,
+    last_n,
+    layer_replace,
+    linearpatch,
+    mka,
+    ppl,
+    prunecomp,
+    random_layers,
+    shortgpt,
+    sleb,
+    streamline,
+    taylor,
+)
 
-__all__ = ["angular", "last_n", "layer_replace", "ppl", "random_layers", "shortgpt", "sleb", "streamline", "taylor"]
+__all__ = [
+    "angular",
+    "blockpruner",
+    "laco",
+    "last_n",
+    "layer_replace",
+    "linearpatch",
+    "mka",
+    "ppl",
+    "prunecomp",
+    "random_layers",
+    "shortgpt",
+    "sleb",
+    "streamline",
+    "taylor",
+]

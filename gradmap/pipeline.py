@@ -296,6 +296,8 @@ def record(
                 "n_remove": result.n_remove,
                 "ratio": result.n_remove / result.n_layers,
                 "removed_layers": result.removed_layers,
+                "removed_units": result.removed_units,  # branches: 2 per removed layer + 1 per partial layer
+                "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "params_before": result.params_before,
                 "params_after": result.params_after,
                 "timing": {

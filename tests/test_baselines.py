@@ -262,7 +262,8 @@ def test_selector_leaves_weights_and_flags_unchanged(name):
     selection = select(name, model, 2, protect_first=2, protect_last=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert flags == [p.requires_grad for p in model.parameters()] and len(model.model.layers) == L
-    assert set(selection.removed) <= set(range(2, L - 2)) and len(set(selection.removed)) == 2
+    touched = set(selection.removed) | set(selection.partial)  # partial: BlockPruner's half-removed layers
+    assert touched <= set(range(2, L - 2)) and 2 * len(set(selection.removed)) + len(selection.partial) == 4
     assert selection.scores and all(isinstance(s, dict) for s in selection.scores)
 
 
@@ -316,12 +317,19 @@ def test_layer_replace_needs_contiguous_cut():
 
 # -- every selector x repair through prune() -----------------------------------------------------------------------
 @functools.cache
-def plain_selection(name: str) -> tuple[int, ...]:
-    return tuple(prune(tiny(), calib(), method=name, n_remove=2, repair="none", diagnostics=False).removed_layers)
+def plain_selection(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(removed layers, layers that lost one branch) of a selector's own choice with repair=none."""
+    result = prune(tiny(), calib(), method=name, n_remove=2, repair="none", diagnostics=False)
+    return tuple(result.removed_layers), tuple(sorted(result.partial_layers))
 
 
-def invalid_reason(repair: str, removed: tuple[int, ...]) -> str | None:
-    """Pairs that are invalid by definition, and the word their error must contain."""
+def invalid_reason(selector: str, repair: str, removed: tuple[int, ...], partial: tuple[int, ...]) -> str | None:
+    """Pairs that are invalid by definition, and the words their one-line error must contain."""
+    required = REPAIRS.get(repair).requires_selector
+    if required is not None and required != selector:
+        return f"cannot follow selector {selector!r}"
+    if partial and not REPAIRS.get(repair).handles_partial:
+        return "cannot act on layers with one branch removed"
     cut = sorted(removed)
     if repair == "layer_replace" and cut != list(range(cut[0], cut[-1] + 1)):
         return "contiguous"
@@ -335,18 +343,26 @@ def invalid_reason(repair: str, removed: tuple[int, ...]) -> str | None:
 def test_every_selector_repair_pair(selector, repair):
     assert METHODS.get(selector).selector == selector  # every selector has a method of the same name
     ids = calib()
-    removed = plain_selection(selector)
-    reason = invalid_reason(repair, removed)
+    removed, partial = plain_selection(selector)
+    reason = invalid_reason(selector, repair, removed, partial)
     model = tiny()
     if reason:
         with pytest.raises(ValueError, match=reason):
             prune(model, ids, method=selector, n_remove=2, repair=repair, diagnostics=False)
         return
     result = prune(model, ids, method=selector, n_remove=2, repair=repair)
-    assert tuple(result.removed_layers) == removed
-    assert len(model.model.layers) == L - 2 == model.config.num_hidden_layers
-    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(L - 2))
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert tuple(result.removed_layers) == removed and tuple(sorted(result.partial_layers)) == partial
+    assert result.removed_units == 4
+    kept = L - len(removed)
+    assert len(model.model.layers) == kept == model.config.num_hidden_layers
+    with_attention = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "q_proj")]
+    assert [attn.layer_idx for attn in with_attention] == list(range(len(with_attention)))
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    if repair == "linearpatch":  # its patches are explicit modules called by a pre-hook; nothing else is hooked
+        assert hooked and all(hasattr(m, "linear_patch") for m in hooked)
+        assert result.repair_info["merged"] is False
+    else:
+        assert not hooked
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
@@ -389,6 +405,10 @@ def test_method_yamls_match_presets():
         "streamline_noheal",
         "random",
         "last_n",
+        "mka",
+        "mka_refcode",
+        "blockpruner",
+        "laco",
     ]:
         cfg = yaml.safe_load((conf / f"{name}.yaml").read_text())
         preset = METHODS.get(cfg["name"])

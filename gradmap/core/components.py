@@ -51,6 +51,9 @@ class Selection:
     removed: list[int]
     scores: list[dict[int, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # Sub-layer selectors (BlockPruner): layers that lose one branch only, {original index: "attn" | "mlp"}.
+    # A layer that loses both branches is in ``removed``; n_remove counts layers' worth (2 branches = 1 layer).
+    partial: dict[int, str] = field(default_factory=dict)
 
 
 class Component:
@@ -137,11 +140,19 @@ class Repair(Component):
     """Base of every repair. ``apply`` sees the dense model (all layers present) and the set to remove.
 
     It may change weights of surviving layers (merged, no new modules); the caller deletes the removed layers
-    afterwards. ``diagnostics`` runs outside the timed span.
+    afterwards. ``diagnostics`` runs outside the timed span. A repair that carries out its selector's own plan
+    (MKA's and LaCo's merges) names that selector in ``requires_selector`` and reads the plan in ``prepare``;
+    ``prune()`` refuses any other pairing with one line. ``handles_partial``: it can follow a selector that
+    removes single branches (BlockPruner).
     """
 
     kind: ClassVar[str] = "repair"
+    requires_selector: ClassVar[str | None] = None
+    handles_partial: ClassVar[bool] = False
     micro_batch_size: int = 1
+
+    def prepare(self, selection: Selection) -> None:
+        """Called by ``prune()`` before ``apply`` with what the selector decided; most repairs need only ``removed``."""
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor, removed: Sequence[int]) -> dict[str, Any]:
         raise NotImplementedError
@@ -155,6 +166,7 @@ class NoRepair(Repair):
     """Remove the layers and leave every remaining weight as it is."""
 
     name: ClassVar[str] = "none"
+    handles_partial: ClassVar[bool] = True
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor, removed: Sequence[int]) -> dict[str, Any]:
         return {}

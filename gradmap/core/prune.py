@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradmap.core.components import METHODS, REPAIRS, SELECTORS, model_device
+from gradmap.core.branches import remove_branches, renumber_attention
+from gradmap.core.components import METHODS, REPAIRS, SELECTORS, Repair, Selection, model_device
 from gradmap.core.layers import decoder_layers, parameter_count, remove_layers
 from gradmap.core.timing import device_name, peak_memory_kind, timed
 
@@ -38,6 +39,8 @@ class PruneResult:
     repair_info: dict[str, Any] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
+    partial_layers: dict[int, str] = field(default_factory=dict)  # layers that lost one branch (BlockPruner)
+    removed_units: int = 0  # branches removed: 2 per removed layer + 1 per partial layer (= 2 * n_remove)
 
 
 def resolve_n_remove(n_layers: int, ratio: float | None = None, n_remove: int | None = None, protected: int = 0) -> int:
@@ -134,13 +137,17 @@ def prune(
     if warm_up if warm_up is not None else device.type == "cuda":
         _warm_up(model, calib_ids)
 
+    check_pairing(preset.selector, repair_cls)
     with timed(device) as select_span:
         selection = selector.select(model, calib_ids, n_remove)
-    if len(selection.removed) != n_remove or len(set(selection.removed)) != n_remove:
-        raise RuntimeError(f"selector {preset.selector!r} returned {selection.removed}, expected {n_remove} layers")
+    check_selection(preset.selector, selection, n_remove, repair_cls)
     with timed(device) as repair_span:
+        remove_branches(model, selection.partial)  # exact; the repair sees the model without those branches
+        repair_obj.prepare(selection)
         repair_info = repair_obj.apply(model, calib_ids, selection.removed)
         remove_layers(model, selection.removed)
+        if selection.partial:
+            renumber_attention(model)
     if diagnostics:
         repair_info.update(repair_obj.diagnostics(model, calib_ids))
 
@@ -170,4 +177,32 @@ def prune(
         repair_info=repair_info,
         params_before=params_before,
         params_after=parameter_count(model),
+        partial_layers=dict(selection.partial),
+        removed_units=2 * len(selection.removed) + len(selection.partial),
     )
+
+
+def check_pairing(selector: str, repair_cls: type[Repair]) -> None:
+    """A repair that carries out one selector's plan (MKA, LaCo merges) refuses every other selector, in one line."""
+    wanted = repair_cls.requires_selector
+    if wanted is not None and wanted != selector:
+        raise ValueError(
+            f"repair {repair_cls.name!r} merges the layers that selector {wanted!r} planned; it cannot follow "
+            f"selector {selector!r} (use method={wanted}, or another repair)"
+        )
+
+
+def check_selection(name: str, selection: Selection, n_remove: int, repair_cls: type[Repair]) -> None:
+    """The selector removed exactly n_remove layers' worth: whole layers, plus half a layer per partial layer."""
+    units = 2 * len(selection.removed) + len(selection.partial)
+    overlap = set(selection.removed) & set(selection.partial)
+    if len(set(selection.removed)) != len(selection.removed) or overlap or units != 2 * n_remove:
+        raise RuntimeError(
+            f"selector {name!r} returned layers {selection.removed} and branches {selection.partial}, "
+            f"expected {n_remove} layers' worth"
+        )
+    if selection.partial and not repair_cls.handles_partial:
+        raise ValueError(
+            f"repair {repair_cls.name!r} cannot act on layers with one branch removed (selector {name!r} removed "
+            f"branches {dict(sorted(selection.partial.items()))}); use repair=none"
+        )
