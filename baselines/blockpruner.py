@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines._common import info_counts
+from gradmap.core.adapters import adapter, text_config
 from gradmap.core.branches import BRANCHES, branches_off
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import capture, layer_inputs_and_final
@@ -74,19 +75,20 @@ def unit_influence(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[d
     """1 − mean cos between a branch's input stream and the stream after it, per unit (one forward over D).
 
     The reference's suggestion for narrowing the search ("use BI to reduce the search space"): the attention unit of
-    layer l compares h_l with the mid-layer stream, the MLP unit the mid-layer stream with h_{l+1}.
+    layer l compares h_l with the mid-layer stream h_l + attn(·), the MLP unit that stream with h_{l+1}.
     """
-    layers = decoder_layers(model)
-    norms = {str(i): layer.post_attention_layernorm for i, layer in enumerate(layers)}
+    adapt = adapter(model)
+    layers = adapt.layers
+    attn = {str(i): adapt.attn(layer) for i, layer in enumerate(layers)}
     sums = dict.fromkeys(range(2 * len(layers)), 0.0)
     count = 0
     device = model_device(model)
     with torch.inference_mode():
         for mb in batches:
-            with capture(norms, "input") as mid:
+            with capture(attn, "output") as out:
                 states = layer_inputs_and_final(model, mb.to(device))
             for i in range(len(layers)):
-                m = mid[str(i)].float()
+                m = states[i].float() + out[str(i)].float()  # the stream between the two branches (pre-norm)
                 for key, (a, b) in ((2 * i, (states[i].float(), m)), (2 * i + 1, (m, states[i + 1].float()))):
                     sums[key] += float((1 - F.cosine_similarity(a, b, dim=-1)).double().sum())
             count += mb.numel()
@@ -239,7 +241,7 @@ class BlockPrunerSelector(Selector):
 
     def _check_cache_size(self, model: nn.Module, calib_ids: torch.Tensor, n_layers: int) -> None:
         itemsize = torch.empty((), dtype=model.dtype).element_size()
-        gib = n_layers * calib_ids.numel() * model.config.hidden_size * itemsize / 2**30
+        gib = n_layers * calib_ids.numel() * text_config(model).hidden_size * itemsize / 2**30
         if gib > self.max_cache_gib:
             raise ValueError(
                 f"blockpruner: prefix_cache needs {gib:.1f} GiB of cached layer inputs (> max_cache_gib="

@@ -22,6 +22,7 @@ from torch import nn
 
 from baselines._common import info_counts
 from baselines._merge import PlannedMergeRepair, merged
+from gradmap.core.adapters import adapter
 from gradmap.core.calib import microbatches
 from gradmap.core.components import REPAIRS, SELECTORS, Selection, Selector, model_device, register_method
 from gradmap.core.layers import active_layers, decoder_layers
@@ -31,7 +32,8 @@ def last_hidden(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Ten
     """The final-norm output of the (current) model for each micro-batch."""
     device = model_device(model)
     with torch.inference_mode():
-        return [model.model(input_ids=mb.to(device), use_cache=False).last_hidden_state.float() for mb in batches]
+        body = adapter(model).body
+        return [body(input_ids=mb.to(device), use_cache=False).last_hidden_state.float() for mb in batches]
 
 
 def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -74,15 +76,16 @@ class LaCoSelector(Selector):
         scores: dict[int, float] = {}
         history: list[dict[str, float]] = []
         threshold = self.threshold
-        pos = len(alive) - self.merge_layers
+        pos = len(alive) - min(self.merge_layers, n_remove + 1)
         while len(removed) < n_remove:
+            take = min(self.merge_layers, n_remove - len(removed) + 1)  # the last collapse takes what is still needed
+            pos = min(pos, len(alive) - take)
             if pos < low:  # sweep ended short of n: restart from the top with a lower threshold
                 threshold -= self.threshold_step
                 if threshold < -1.0:
                     raise ValueError(f"selector 'laco': no collapse of {n_remove} layers found (protected {protected})")
-                pos = len(alive) - self.merge_layers
+                pos = len(alive) - take
                 continue
-            take = min(self.merge_layers, n_remove - len(removed) + 1)
             group = alive[pos : pos + take]
             if len(group) < 2 or protected & set(group[1:]):
                 pos -= 1
@@ -99,7 +102,7 @@ class LaCoSelector(Selector):
                 plan.append(merge)
                 removed.extend(group[1:])
                 alive = [i for i in alive if i not in group[1:]]
-                pos = min(pos - self.interval, len(alive) - self.merge_layers)
+                pos -= self.interval
             else:
                 pos -= 1
         return Selection(

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from gradmap.core.adapters import adapter, text_config
 from gradmap.core.branches import refuse_save
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import capture, forward_quietly
@@ -103,6 +104,15 @@ def _patch_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, {**kwargs, "hidden_states": module.linear_patch(kwargs["hidden_states"])}
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the decoder stack and the LM head, or a one-line error."""
+    body = adapter(model).body
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        if isinstance(getattr(body, name, None), nn.Module):
+            return getattr(body, name)
+    raise ValueError(f"repair 'linearpatch': no final norm found on {type(body).__name__} (after the last layer)")
+
+
 def runs(removed: Sequence[int]) -> list[tuple[int, int]]:
     """Maximal runs (a, b) of consecutive removed indices, ascending."""
     out: list[tuple[int, int]] = []
@@ -126,12 +136,12 @@ class LinearPatchRepair(Repair):
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor, removed: Sequence[int]) -> dict[str, Any]:
         layers = decoder_layers(model)
-        d = model.config.hidden_size
+        d = text_config(model).hidden_size
         rot = hadamard(d).to(model_device(model), torch.float32) if self.rotation == "hadamard" else None
         alive = list(range(len(layers)))
         patches = []
         for a, b in runs(removed):
-            target = layers[b + 1] if b + 1 < len(layers) else model.model.norm
+            target = layers[b + 1] if b + 1 < len(layers) else final_norm(model)
             with active_layers(model, alive):
                 scale = self._scale(model, calib_ids, layers[a], target, rot)
             patch = LinearPatch(scale, rot)
@@ -160,7 +170,7 @@ class LinearPatchRepair(Repair):
         with torch.inference_mode():
             for mb in microbatches(calib_ids, self.micro_batch_size):
                 with capture({"i": first, "j": target}, "input", stop_at=target) as got:
-                    forward_quietly(model.model, mb.to(model_device(model)))
+                    forward_quietly(adapter(model).body, mb.to(model_device(model)))
                 xi, xj = (got[k].float().reshape(-1, got[k].shape[-1]) for k in ("i", "j"))
                 if rot is not None:
                     xi, xj = xi @ rot, xj @ rot

@@ -23,15 +23,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from gradmap.core.adapters import adapter
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import capture, forward_quietly
 from gradmap.core.components import REPAIRS, Repair, calibration_nll, model_device
 from gradmap.core.layers import active_layers, decoder_layers
 
 
-def branch_outputs(layer: nn.Module) -> list[nn.Linear]:
+def branch_outputs(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
     """The last linear of each residual branch (where a scale on the branch's contribution is exact)."""
-    return [layer.self_attn.o_proj, layer.mlp.down_proj]
+    adapt = adapter(model)
+    return [adapt.attn_out(layer), adapt.mlp_out(layer)]
 
 
 def tied_embeddings(model: nn.Module) -> bool:
@@ -46,7 +48,7 @@ def magnitude_ratio(model: nn.Module, calib_ids: torch.Tensor, layer: nn.Module,
     with torch.inference_mode():
         for mb in microbatches(calib_ids, micro_batch_size):
             with capture({"in": layer}, "input") as x, capture({"out": layer}, "output", stop_at=layer) as y:
-                forward_quietly(model.model, mb.to(device))
+                forward_quietly(adapter(model).body, mb.to(device))
             num += float(y["out"].double().abs().sum())
             den += float(x["in"].double().abs().sum())
     return num / den
@@ -55,7 +57,7 @@ def magnitude_ratio(model: nn.Module, calib_ids: torch.Tensor, layer: nn.Module,
 def scale_(modules: Sequence[nn.Module], factor: float) -> None:
     with torch.no_grad():
         for module in modules:
-            module.weight.mul_(factor)
+            module.weight.mul_(factor)  # Linear and GPT-2's Conv1D: the output scales either way
             if getattr(module, "bias", None) is not None:
                 module.bias.mul_(factor)
 
@@ -91,10 +93,10 @@ class PruneCompRepair(Repair):
                 steps.append({"layer": r, "scale": s, "applied": False})  # only the final norm reads the stream
                 continue
             if side == "before":
-                targets = [model.get_input_embeddings()] + [m for i in before for m in branch_outputs(layers[i])]
+                targets = [model.get_input_embeddings()] + [m for i in before for m in branch_outputs(model, layers[i])]
                 scale_(targets, s)
             else:
-                scale_([m for i in after for m in branch_outputs(layers[i])], 1.0 / s)
+                scale_([m for i in after for m in branch_outputs(model, layers[i])], 1.0 / s)
             steps.append({"layer": r, "scale": s, "applied": True})
         return {
             "side": side,

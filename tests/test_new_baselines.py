@@ -194,8 +194,8 @@ def test_laco_rdsc_merge_and_similarity():
     model = tiny()
     result = prune(model, ids, method="laco", n_remove=2, threshold=-1.0)  # accept the first collapse tried
     (merge,) = result.selector_info["merges"]
-    assert merge["layers"] == [L - 4, L - 3, L - 2] and result.removed_layers == [L - 3, L - 2]  # C=4, take 3
-    kept = dict(model.model.layers[L - 4].named_parameters())
+    assert merge["layers"] == [L - 3, L - 2, L - 1] and result.removed_layers == [L - 2, L - 1]  # C=4, take 3
+    kept = dict(model.model.layers[L - 3].named_parameters())
     src = [dict(dense.model.layers[i].named_parameters()) for i in merge["layers"]]
     for name, p in kept.items():
         want = src[0][name] if "norm" in name else src[0][name] + sum(s[name] - src[0][name] for s in src[1:])
@@ -313,3 +313,35 @@ def test_linearpatch_scale_output_and_save(tmp_path):
 def test_partial_selection_refused_by_merged_repairs():
     with pytest.raises(ValueError, match="cannot act on layers with one branch removed"):
         prune(tiny(), calib(), method="blockpruner", n_remove=2, repair="projection")
+
+
+# -- bench and report wiring ---------------------------------------------------------------------------------------
+def test_bench_entries_and_not_merged_label():
+    from gradmap.bench.runner import ALL_METHODS
+    from gradmap.report.rows import variant_of
+
+    assert {"mka", "mka_native", "blockpruner", "laco", "laco_native", "prunecomp", "linearpatch"} <= set(ALL_METHODS)
+    record = {"method": "shortgpt", "config": {"repair": {"name": "linearpatch"}}, "repair_info": {"merged": False}}
+    assert variant_of(record) == "shortgpt+linearpatch (not merged)"
+    record["repair_info"]["merged"] = True
+    assert variant_of(record) == "shortgpt+linearpatch"
+
+
+def test_tiny_bench_times_the_new_methods_and_averages_over_them(tmp_path):
+    import json
+
+    from gradmap.bench.cli import main
+
+    out = tmp_path / "part.json"
+    methods = "floor,gradmap,shortgpt,sleb,mka,blockpruner,laco,prunecomp,linearpatch"  # *_native: same code
+    argv = ["--preset", "cpu", "--arch", "tiny", "--set", "num_hidden_layers=4", "--n-samples", "2"]
+    argv += ["--seq-len", "8", "--repeats", "1", "--methods", methods, "--out", str(out)]
+    assert main([*argv, "--speedup-baselines", "shortgpt,sleb,mka,blockpruner"]) == 0
+    result = json.loads(out.read_text())
+    assert not result["errors"]
+    rows = {r["entry"]: r for r in result["rows"]}
+    assert set(methods.split(",")) - {"floor"} <= set(rows)
+    assert rows["blockpruner"]["extrapolated"]["full_candidates"] == 8 + 7  # 2n*2L with L=4, n=1
+    assert rows["linearpatch"]["repair"] == "linearpatch" and rows["mka"]["repair"] == "mka_merge"
+    speed = result["summary"]["speedup"]
+    assert speed["set"] == ["shortgpt", "sleb", "mka", "blockpruner"] and speed["arithmetic_mean"] is not None

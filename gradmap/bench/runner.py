@@ -291,6 +291,9 @@ ENTRIES: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "streamline": entry_streamline,
     "replaceme": entry_replaceme,
 }
+from gradmap.bench.new_entries import NEW_ENTRIES  # noqa: E402  (its entries use the helpers above)
+
+ENTRIES.update(NEW_ENTRIES)
 ALL_METHODS = ("floor", *ENTRIES)
 
 

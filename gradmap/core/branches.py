@@ -1,8 +1,10 @@
 """Sub-layer surgery: remove one residual branch (attention or MLP) of a decoder layer, exactly.
 
-A pre-norm block computes h + attn(norm1(h)) and then h + mlp(norm2(h)); replacing a branch by a module that
-returns zeros leaves exactly the residual, so removing a branch is exact. The branch's weights and its norm are
-dropped (the parameter count is that of the smaller model) and what is left costs one elementwise add.
+A pre-norm block computes h + attn(norm1(h)) and then h + mlp(norm2(h)); replacing a branch (found through the
+decoder adapter) by a module that returns zeros leaves exactly the residual, so removing a branch is exact. The
+branch's weights are dropped and what is left costs its norm and one elementwise add; the norm stays because
+its place differs between layouts (before, after or around the branch), and a norm of zeros is zero. Parallel
+blocks (attention and MLP reading one input) and blocks without an MLP module are refused with one line.
 
 Stock transformers configs have no per-layer "this layer has no attention/MLP", so a model with half-removed
 layers cannot be written by ``save_pretrained`` and rebuilt by ``from_pretrained`` without custom code:
@@ -18,11 +20,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from gradmap.core.layers import decoder_layers
+from gradmap.core.adapters import DecoderAdapter, adapter
 
 BRANCHES = ("attn", "mlp")
-# (branch module, the norm that feeds it) in a Llama-layout decoder layer
-_PARTS = {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 
 
 class RemovedAttention(nn.Module):
@@ -43,53 +43,81 @@ class RemovedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def removed_branches(layer: nn.Module) -> set[str]:
-    """Which branches of ``layer`` are already removed."""
-    return {b for b in BRANCHES if isinstance(getattr(layer, _PARTS[b][0]), (RemovedAttention, RemovedMLP))}
+def branch_adapter(model: nn.Module) -> DecoderAdapter:
+    """The model's adapter, or a one-line error if its blocks have no two sequential, separable branches."""
+    adapt = adapter(model)
+    if adapt.parallel() or adapt.layout.mlp is None:
+        raise ValueError(
+            f"model type {adapt.model_type!r}: removing single branches needs sequential attention and MLP modules "
+            "(this layout is parallel or has no MLP module); remove whole layers instead"
+        )
+    return adapt
 
 
-def _swap(layer: nn.Module, branch: str) -> tuple[nn.Module, nn.Module]:
-    """Install the zero module for ``branch`` and return the (branch, norm) modules it replaced."""
+def _path(adapt: DecoderAdapter, branch: str) -> tuple[str, str]:
+    """(parent path, attribute) of a branch module inside a block."""
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; allowed: {', '.join(BRANCHES)}")
-    name, norm = _PARTS[branch]
-    old = getattr(layer, name), getattr(layer, norm)
-    setattr(layer, name, RemovedAttention() if branch == "attn" else RemovedMLP())
-    setattr(layer, norm, nn.Identity())
+    full = adapt.layout.attn if branch == "attn" else adapt.layout.mlp
+    parent, _, attr = full.rpartition(".")
+    return parent, attr
+
+
+def _holder(layer: nn.Module, parent: str) -> nn.Module:
+    return layer.get_submodule(parent) if parent else layer
+
+
+def removed_branches(adapt: DecoderAdapter, layer: nn.Module) -> set[str]:
+    """Which branches of ``layer`` are already removed."""
+    out = set()
+    for branch in BRANCHES:
+        parent, attr = _path(adapt, branch)
+        if isinstance(getattr(_holder(layer, parent), attr), (RemovedAttention, RemovedMLP)):
+            out.add(branch)
+    return out
+
+
+def _swap(adapt: DecoderAdapter, layer: nn.Module, branch: str) -> nn.Module:
+    """Install the zero module for ``branch`` and return the module it replaced."""
+    parent, attr = _path(adapt, branch)
+    holder = _holder(layer, parent)
+    old = getattr(holder, attr)
+    setattr(holder, attr, RemovedAttention() if branch == "attn" else RemovedMLP())
     return old
 
 
 @contextmanager
 def branches_off(model: nn.Module, units: Mapping[int, set[str]]) -> Iterator[None]:
     """Temporarily remove branches (``{layer index: {"attn", "mlp"}}``, current indices); restored on exit."""
-    layers = decoder_layers(model)
-    saved: list[tuple[nn.Module, str, tuple[nn.Module, nn.Module]]] = []
+    adapt = branch_adapter(model) if units else adapter(model)
+    layers = adapt.layers
+    saved: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for index, branches in units.items():
             for branch in sorted(branches):
-                saved.append((layers[index], branch, _swap(layers[index], branch)))
+                saved.append((layers[index], branch, _swap(adapt, layers[index], branch)))
         yield
     finally:
-        for layer, branch, (module, norm) in reversed(saved):
-            name, norm_name = _PARTS[branch]
-            setattr(layer, name, module)
-            setattr(layer, norm_name, norm)
+        for layer, branch, module in reversed(saved):
+            parent, attr = _path(adapt, branch)
+            setattr(_holder(layer, parent), attr, module)
 
 
 def remove_branches(model: nn.Module, partial: Mapping[int, str]) -> None:
     """Remove one branch for good in each given layer (current indices) and make the model refuse to be saved."""
-    layers = decoder_layers(model)
+    if not partial:
+        return
+    adapt = branch_adapter(model)
     for index, branch in partial.items():
-        if branch in removed_branches(layers[index]):
+        if branch in removed_branches(adapt, adapt.layers[index]):
             raise ValueError(f"layer {index}: its {branch} branch is already removed")
-        _swap(layers[index], branch)
-    if partial:
-        refuse_save(
-            model,
-            f"this model has layers with one branch removed ({dict(sorted(partial.items()))}); stock transformers "
-            "configs cannot describe that, so save_pretrained would not reload it; keep it in memory or prune whole "
-            "layers",
-        )
+        _swap(adapt, adapt.layers[index], branch)
+    refuse_save(
+        model,
+        f"this model has layers with one branch removed ({dict(sorted(partial.items()))}); stock transformers "
+        "configs cannot describe that, so save_pretrained would not reload it; keep it in memory or prune whole "
+        "layers",
+    )
 
 
 def renumber_attention(model: nn.Module) -> None:
@@ -99,9 +127,11 @@ def renumber_attention(model: nn.Module) -> None:
     the first attention that still writes to the cache. Models whose layers have different attention types
     (``config.layer_types``) would then read the wrong type, so they are refused with one line.
     """
+    adapt = adapter(model)
     types = set(getattr(model.config, "layer_types", None) or [])
-    attention = [layer.self_attn for layer in decoder_layers(model) if "attn" not in removed_branches(layer)]
-    if len(types) > 1 and len(attention) < len(decoder_layers(model)):
+    layers = adapt.layers
+    attention = [adapt.attn(layer) for layer in layers if "attn" not in removed_branches(adapt, layer)]
+    if len(types) > 1 and len(attention) < len(layers):
         raise ValueError(
             f"removing attention branches from a model with mixed layer_types {sorted(types)} is not supported"
         )

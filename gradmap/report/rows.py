@@ -16,10 +16,12 @@ from gradmap.sweep import scan
 
 
 def variant_of(record: dict[str, Any]) -> str:
-    """The row label: the method, plus ``+repair`` when the sweep overrode its default repair."""
+    """The row label: the method, plus ``+repair`` when the sweep overrode its default repair, plus
+    `` (not merged)`` when the repair left explicit modules on the model (LinearPatch; ``repair_info.merged``)."""
     method = str(record.get("method"))
     override = ((record.get("config") or {}).get("repair") or {}).get("name")
-    return method if method == DENSE or not override else f"{method}+{override}"
+    label = method if method == DENSE or not override else f"{method}+{override}"
+    return f"{label} (not merged)" if (record.get("repair_info") or {}).get("merged") is False else label
 
 
 def _primary_metric(metrics: dict[str, Any], task: str) -> str:
