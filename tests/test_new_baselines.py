@@ -18,6 +18,7 @@ from baselines.mka import nmi
 from gradmap import SELECTORS, prune
 from gradmap.core.layers import remove_layers
 from gradmap.models import tiny_llama
+from tests.conftest import make_calib, plant_identity
 
 L = 8
 K = 3  # planted identity layer
@@ -31,8 +32,8 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
-def calib(rows: int = 4, seq: int = 16) -> torch.Tensor:
-    return torch.randint(0, 256, (rows, seq), generator=torch.Generator().manual_seed(0))
+def calib() -> torch.Tensor:
+    return make_calib(4, 16, seed=0)  # the same windows as tests/test_baselines.py
 
 
 def build(tied: bool) -> nn.Module:
@@ -65,9 +66,7 @@ def tiny(trained: bool = False, tied: bool = False) -> nn.Module:
 
 def planted(k: int = K) -> nn.Module:
     model = tiny(trained=True)
-    with torch.no_grad():
-        model.model.layers[k].input_layernorm.weight.zero_()
-        model.model.layers[k].post_attention_layernorm.weight.zero_()
+    plant_identity(model, k)
     return model
 
 

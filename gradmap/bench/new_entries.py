@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gradmap.bench.config import calibration_ids
-from gradmap.bench.runner import Context, _row, run_prune
+from gradmap.bench.runner import Context, _row, run_prune, scale_selection
 
 MKA_NATIVE = (57, 512)  # one prompt per MMLU task, padded/truncated to 512 tokens in the reference
 LACO_NATIVE = (5, 512)  # the paper's "few sentences"
@@ -51,18 +51,7 @@ def entry_blockpruner(ctx: Context) -> list[dict[str, Any]]:
     data = run_prune(ctx, "blockpruner", n_remove=1, search_pool=2, prefix_cache=False)
     full = sum(2 * ctx.n_layers - k for k in range(2 * ctx.n_remove))
     timed_forwards = 4
-    factor = full / timed_forwards
-    data["extrapolated"] = {
-        "timed_s": data["select_s"],
-        "timed_candidates": timed_forwards,
-        "full_candidates": full,
-        "flops_factor": factor,
-    }
-    data["select_s"] *= factor
-    data["total_s"] = data["select_s"] + data["repair_s"]
-    data["all_total_s"] = [data["total_s"]]
-    data["n_remove"] = ctx.n_remove
-    data["removed"] = None
+    scale_selection(data, timed_forwards, full, full / timed_forwards, ctx.n_remove)
     note = (
         f"extrapolated: {timed_forwards} of {full} forwards over D timed (prefix_cache=false, the reference's "
         "computation), scaled by count; native D = matched D"

@@ -173,18 +173,23 @@ def _extrapolated(
     factor = sum(forward_flops(config, m, seq) for m in full_layers) / sum(
         forward_flops(config, m, seq) for m in measured_layers
     )
+    scale_selection(data, len(measured_layers), len(full_layers), factor, ctx.n_remove)
+    return [_row(method, data, {"f": sum(m / ctx.n_layers for m in full_layers)}, note)]
+
+
+def scale_selection(data: dict[str, Any], timed: int, full: int, factor: float, n_remove: int) -> None:
+    """Turn a timed sample of candidate forwards into the full selection's time (recorded as extrapolated)."""
     data["extrapolated"] = {
         "timed_s": data["select_s"],
-        "timed_candidates": len(measured_layers),
-        "full_candidates": len(full_layers),
+        "timed_candidates": timed,
+        "full_candidates": full,
         "flops_factor": factor,
     }
     data["select_s"] *= factor
     data["total_s"] = data["select_s"] + data["repair_s"]
     data["all_total_s"] = [data["total_s"]]
-    data["n_remove"] = ctx.n_remove
+    data["n_remove"] = n_remove
     data["removed"] = None
-    return [_row(method, data, {"f": sum(m / ctx.n_layers for m in full_layers)}, note)]
 
 
 def entry_ppl(ctx: Context) -> list[dict[str, Any]]:
