@@ -83,7 +83,10 @@ class LaCoSelector(Selector):
             if pos < low:  # sweep ended short of n: restart from the top with a lower threshold
                 threshold -= self.threshold_step
                 if threshold < -1.0:
-                    raise ValueError(f"selector 'laco': no collapse of {n_remove} layers found (protected {protected})")
+                    raise ValueError(
+                        f"selector 'laco': no collapse of {n_remove} layers fits above min_layer_frac="
+                        f"{self.min_layer_frac} outside the protected layers {sorted(protected)}"
+                    )
                 pos = len(alive) - take
                 continue
             group = alive[pos : pos + take]

@@ -8,8 +8,9 @@ is fitted (``rotation=none`` scales the raw channels). Runs are handled in ascen
 model with the earlier runs already removed and patched (one partial forward over D per run).
 
 The patch acts on the whole stream, skip path included, in front of an RMSNorm, so it is *not* mergeable into any
-weight: the pruned model carries it as a small explicit module (``linear_patch``: d scales plus a fixed,
-non-persistent rotation; d extra parameters per interface, recorded) called by a forward pre-hook, and
+weight: the pruned model carries it as a small explicit module (``LinearPatch`` in ``body.linear_patches``: d
+scales plus a fixed, non-persistent rotation; d extra parameters per interface, recorded) that a forward pre-hook
+on the module it feeds calls, and
 ``save_pretrained`` refuses with one line (a stock checkpoint would silently drop it). Results say "merged": false.
 The paper's optional distillation of the patch is not implemented (its training-free setting is the default).
 The reference pools per-batch ratios (mean over batches of the ratio); we take the ratio of pooled means.
@@ -98,10 +99,19 @@ class LinearPatch(nn.Module):
         return (((x @ self.rotation) * self.scale) @ self.rotation.T).to(h.dtype)
 
 
-def _patch_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if args:
-        return (module.linear_patch(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": module.linear_patch(kwargs["hidden_states"])}
+def _install(model: nn.Module, target: nn.Module, patch: LinearPatch) -> None:
+    """Keep the patch in ``body.linear_patches`` (so blocks keep their layout) and call it before ``target``."""
+    body = adapter(model).body
+    if not isinstance(getattr(body, "linear_patches", None), nn.ModuleList):
+        body.add_module("linear_patches", nn.ModuleList())
+    body.linear_patches.append(patch)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (patch(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": patch(kwargs["hidden_states"])}
+
+    target.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -144,9 +154,7 @@ class LinearPatchRepair(Repair):
             target = layers[b + 1] if b + 1 < len(layers) else final_norm(model)
             with active_layers(model, alive):
                 scale = self._scale(model, calib_ids, layers[a], target, rot)
-            patch = LinearPatch(scale, rot)
-            target.add_module("linear_patch", patch)
-            target.register_forward_pre_hook(_patch_hook, with_kwargs=True)
+            _install(model, target, LinearPatch(scale, rot))
             alive = [i for i in alive if not a <= i <= b]
             patches.append(
                 {"run": [a, b], "at": b + 1 if b + 1 < len(layers) else "final_norm", "scale_mean": float(scale.mean())}

@@ -306,7 +306,7 @@ def test_linearpatch_scale_output_and_save(tmp_path):
     remove_layers(patched, [3, 4])
     with torch.no_grad():
         torch.testing.assert_close(patched(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(patched.model.layers[3].linear_patch.scale, s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patched.model.linear_patches[0].scale, s, rtol=1e-5, atol=1e-6)
 
 
 def test_partial_selection_refused_by_merged_repairs():

@@ -5,6 +5,8 @@ where the reference uses different data, at its native setting: MKA's pipeline e
 MMLU task (57 × 512); LaCo compares "a few sentences" (5 × 512). BlockPruner's native setting is the matched one
 (128 × 2048), but its 2n·2L candidate forwards (904 at the 7B shape) are too long to run, so, like SLEB, a few
 are timed through ``prune()`` and scaled by their count. The repairs follow ShortGPT's cut.
+
+``gradmap.bench.runner`` builds these with its own helpers (:func:`new_entries`), so this module does not import it.
 """
 
 from __future__ import annotations
@@ -14,57 +16,57 @@ from collections.abc import Callable
 from typing import Any
 
 from gradmap.bench.config import calibration_ids
-from gradmap.bench.runner import Context, _row, run_prune, scale_selection
+
+Entry = Callable[[Any], list[dict[str, Any]]]
 
 MKA_NATIVE = (57, 512)  # one prompt per MMLU task, padded/truncated to 512 tokens in the reference
 LACO_NATIVE = (5, 512)  # the paper's "few sentences"
 
 
-def _with_calib(ctx: Context, n_samples: int, seq_len: int) -> Context:
-    ids = calibration_ids(ctx.fresh.config.vocab_size, n_samples, seq_len, ctx.cfg.seed)
-    return dataclasses.replace(ctx, calib=ids)
+def new_entries(run_prune: Callable[..., dict], row: Callable[..., dict], scale: Callable[..., None]) -> dict:
+    """The entries, given the runner's ``run_prune``, ``_row`` and ``scale_selection``."""
 
+    def with_calib(ctx: Any, n_samples: int, seq_len: int) -> Any:
+        ids = calibration_ids(ctx.fresh.config.vocab_size, n_samples, seq_len, ctx.cfg.seed)
+        return dataclasses.replace(ctx, calib=ids)
 
-def _method_entry(method: str, native: tuple[int, int] | None, note: str) -> Callable[[Context], list[dict[str, Any]]]:
-    def entry(ctx: Context) -> list[dict[str, Any]]:
-        if native is not None:
-            ctx = _with_calib(ctx, *native)
-        data = run_prune(ctx, method, ratio=ctx.cfg.ratio)
-        calls = data["info"]["selector"].get("calib_passes")
-        setting = f"native D {native[0]}×{native[1]}" if native else "matched D"
-        return [_row(f"{method} ({setting})", data, {"f": float(calls)} if calls else None, note)]
+    def method_entry(method: str, native: tuple[int, int] | None, note: str) -> Entry:
+        def entry(ctx: Any) -> list[dict[str, Any]]:
+            if native is not None:
+                ctx = with_calib(ctx, *native)
+            data = run_prune(ctx, method, ratio=ctx.cfg.ratio)
+            calls = data["info"]["selector"].get("calib_passes")
+            setting = f"native D {native[0]}×{native[1]}" if native else "matched D"
+            return [row(f"{method} ({setting})", data, {"f": float(calls)} if calls else None, note)]
 
-    return entry
+        return entry
 
+    def repair_entry(repair: str) -> Entry:
+        def entry(ctx: Any) -> list[dict[str, Any]]:
+            data = run_prune(ctx, "shortgpt", ratio=ctx.cfg.ratio, repair=repair)
+            merged = "not merged (explicit patch module)" if repair == "linearpatch" else "merged into the weights"
+            return [row(f"shortgpt + {repair}", data, {"f": 1.0}, f"repair {merged}; native D = matched D")]
 
-def _repair_entry(repair: str) -> Callable[[Context], list[dict[str, Any]]]:
-    def entry(ctx: Context) -> list[dict[str, Any]]:
-        data = run_prune(ctx, "shortgpt", ratio=ctx.cfg.ratio, repair=repair)
-        merged = "not merged (explicit patch module)" if repair == "linearpatch" else "merged into the weights"
-        return [_row(f"shortgpt + {repair}", data, {"f": 1.0}, f"repair {merged}; native D = matched D")]
+        return entry
 
-    return entry
+    def blockpruner(ctx: Any) -> list[dict[str, Any]]:
+        """Time 3 candidate forwards + the influence forward (search_pool=2, n_remove=1), scale to 2n·2L."""
+        data = run_prune(ctx, "blockpruner", n_remove=1, search_pool=2, prefix_cache=False)
+        full = sum(2 * ctx.n_layers - k for k in range(2 * ctx.n_remove))
+        timed = 4
+        scale(data, timed, full, full / timed, ctx.n_remove)
+        note = (
+            f"extrapolated: {timed} of {full} forwards over D timed (prefix_cache=false, the reference's "
+            "computation), scaled by count; native D = matched D"
+        )
+        return [row("blockpruner (2n·2L unit candidates)", data, {"f": float(full)}, note)]
 
-
-def entry_blockpruner(ctx: Context) -> list[dict[str, Any]]:
-    """Time 3 candidate forwards + the influence forward (search_pool=2, n_remove=1), scale to 2n·2L candidates."""
-    data = run_prune(ctx, "blockpruner", n_remove=1, search_pool=2, prefix_cache=False)
-    full = sum(2 * ctx.n_layers - k for k in range(2 * ctx.n_remove))
-    timed_forwards = 4
-    scale_selection(data, timed_forwards, full, full / timed_forwards, ctx.n_remove)
-    note = (
-        f"extrapolated: {timed_forwards} of {full} forwards over D timed (prefix_cache=false, the reference's "
-        "computation), scaled by count; native D = matched D"
-    )
-    return [_row("blockpruner (2n·2L unit candidates)", data, {"f": float(full)}, note)]
-
-
-NEW_ENTRIES: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
-    "mka": _method_entry("mka", None, "selection + merge plan; repair = mka_merge (weight averaging)"),
-    "mka_native": _method_entry("mka", MKA_NATIVE, "the reference's data size"),
-    "blockpruner": entry_blockpruner,
-    "laco": _method_entry("laco", None, "selection = RDSC collapses tried; repair = laco_merge"),
-    "laco_native": _method_entry("laco", LACO_NATIVE, "the paper's few sentences"),
-    "prunecomp": _repair_entry("prunecomp"),
-    "linearpatch": _repair_entry("linearpatch"),
-}
+    return {
+        "mka": method_entry("mka", None, "selection + merge plan; repair = mka_merge (weight averaging)"),
+        "mka_native": method_entry("mka", MKA_NATIVE, "the reference's data size"),
+        "blockpruner": blockpruner,
+        "laco": method_entry("laco", None, "selection = RDSC collapses tried; repair = laco_merge"),
+        "laco_native": method_entry("laco", LACO_NATIVE, "the paper's few sentences"),
+        "prunecomp": repair_entry("prunecomp"),
+        "linearpatch": repair_entry("linearpatch"),
+    }

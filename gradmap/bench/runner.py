@@ -17,6 +17,7 @@ import transformers
 
 from gradmap.bench.config import SCHEMA, BenchConfig, ModelFactory, calibration_ids
 from gradmap.bench.floor import _free, forward_flops, measure_floor, sleb_candidate_layers, stage1_floor_passes
+from gradmap.bench.new_entries import new_entries
 from gradmap.bench.tables import summarize
 from gradmap.core.components import METHODS, REPAIRS
 from gradmap.core.layers import remove_layers
@@ -296,9 +297,7 @@ ENTRIES: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "streamline": entry_streamline,
     "replaceme": entry_replaceme,
 }
-from gradmap.bench.new_entries import NEW_ENTRIES  # noqa: E402  (its entries use the helpers above)
-
-ENTRIES.update(NEW_ENTRIES)
+ENTRIES.update(new_entries(run_prune, _row, scale_selection))  # MKA, BlockPruner, LaCo, the two repairs
 ALL_METHODS = ("floor", *ENTRIES)
 
 

@@ -26,18 +26,32 @@ BRANCHES = ("attn", "mlp")
 
 
 class RemovedAttention(nn.Module):
-    """Stands in for a removed attention branch: adds nothing to the residual, touches no KV cache."""
+    """Stands in for a removed attention branch: adds nothing to the residual, touches no KV cache.
+
+    It holds an empty placeholder where the branch's output linear was (e.g. ``o_proj``), so that the block still
+    has the layout the decoder adapter checks; the placeholder has no parameters and is never called.
+    """
 
     removed_branch = "attn"
+
+    def __init__(self, out_name: str = "") -> None:
+        super().__init__()
+        if out_name:
+            self.add_module(out_name, nn.Identity())
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         return torch.zeros_like(hidden_states), None
 
 
 class RemovedMLP(nn.Module):
-    """Stands in for a removed MLP branch."""
+    """Stands in for a removed MLP branch (with an empty placeholder named like its output linear)."""
 
     removed_branch = "mlp"
+
+    def __init__(self, out_name: str = "") -> None:
+        super().__init__()
+        if out_name:
+            self.add_module(out_name, nn.Identity())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
@@ -82,7 +96,11 @@ def _swap(adapt: DecoderAdapter, layer: nn.Module, branch: str) -> nn.Module:
     parent, attr = _path(adapt, branch)
     holder = _holder(layer, parent)
     old = getattr(holder, attr)
-    setattr(holder, attr, RemovedAttention() if branch == "attn" else RemovedMLP())
+    branch_path = adapt.layout.attn if branch == "attn" else adapt.layout.mlp
+    out_path = adapt.layout.attn_out if branch == "attn" else adapt.layout.mlp_out
+    out_name = out_path.removeprefix(branch_path + ".")
+    stand_in = RemovedAttention if branch == "attn" else RemovedMLP
+    setattr(holder, attr, stand_in(out_name if "." not in out_name else ""))
     return old
 
 
