@@ -25,6 +25,7 @@ from gradmap.core.calib import build_calibration
 from gradmap.core.components import NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
+from gradmap.eval.items import ITEMS_FILE
 from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
@@ -157,6 +158,7 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
         n_remove=n_remove,
         repair=cfg["repair"].get("name"),
         repair_options=dict(cfg["repair"].get("options") or {}),
+        repeats=int((cfg.get("timing") or {}).get("repeats", 1)),
         **selector_options,
     )
 
@@ -202,10 +204,21 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     t = time.perf_counter()
     if cfg["eval"].get("tasks") or cfg["eval"].get("ppl"):
         log.info("%s: evaluating (eval=%s)", job.name, cfg["eval"].get("name"))
-    metrics = evaluate(model, tokenizer, cfg["eval"], device, on_lm_eval=lambda out: keep_lm_eval(out, job, tracker))
+    items_path = job.dir / ITEMS_FILE if cfg.get("save_items", True) else None
+    metrics = evaluate(
+        model,
+        tokenizer,
+        cfg["eval"],
+        device,
+        on_lm_eval=lambda out: keep_lm_eval(out, job, tracker),
+        items_path=items_path,
+    )
+    lm_eval_results = metrics.pop("lm_eval", None)
     phases["eval_s"] = time.perf_counter() - t
 
     out = record(cfg, job, result, metrics, phases, status="ok", speed=speed)  # record
+    if lm_eval_results is not None:
+        out["lm_eval"] = lm_eval_results  # task versions, configs, n-shot, higher_is_better
     if cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model"):
         folder = save_pruned_model(model, tokenizer, model_folder(cfg, job.dir), out, cfg)
         out["saved_model"] = str(folder)
@@ -300,9 +313,10 @@ def record(
                 "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "params_before": result.params_before,
                 "params_after": result.params_after,
-                "timing": {
-                    k: result.timings[k]
-                    for k in ("select_s", "repair_s", "prune_s", "peak_mem_bytes", "peak_mem_kind", "device")
+                "timing": {  # per-phase peaks stay out; repeats (timing.repeats > 1) come with every run's time
+                    k: v
+                    for k, v in result.timings.items()
+                    if k not in ("select_peak_mem_bytes", "repair_peak_mem_bytes")
                 }
                 | dict(phases),
                 "metrics": dict(metrics),

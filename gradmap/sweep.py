@@ -31,6 +31,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from gradmap.eval.items import ITEMS_FILE
 from gradmap.results import RESULT_FILE, atomic_write_json, check_record, read_result
 
 log = logging.getLogger("gradmap.sweep")
@@ -158,6 +160,8 @@ def reuse_dense(cfg: Mapping[str, Any], job_id: str, job_name: str, job_dir: Pat
         "reused_from": str(source),
         "reused_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if (Path(source) / ITEMS_FILE).is_file():  # the per-item records travel with the result they belong to
+        shutil.copyfile(Path(source) / ITEMS_FILE, job_dir / ITEMS_FILE)
     atomic_write_json(job_dir / RESULT_FILE, out)
     log.info("reuse %s: dense reference from %s", job_name, source)
     return out

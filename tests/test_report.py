@@ -265,7 +265,7 @@ def test_sweep_without_gradmap_or_dense_still_reports(tmp_path):
     root = tmp_path / "partial"
     write(root, record("shortgpt", 2, 0.6, 0.6, 20.0, 1.0, 0.0))
     write(root, record("sleb", 2, 0.7, 0.6, 14.0, 60.0, 0.0))
-    files = build(root, tmp_path / "out")
+    files = build(root, tmp_path / "out", plots=False)
     main_df = pd.read_csv(files.out / "main.csv")
     assert main_df["gradmap_speedup"].isna().all() and main_df["d_avg"].isna().all()
     assert "No verdict" in files.verdict.read_text()
@@ -279,7 +279,7 @@ def test_verdict_qualifies_short_times_and_gaps_within_noise(tmp_path):
         record("taylor_plus", 2, 0.71, 0.6, 20.0, 0.5, 0.0),
     ):
         write(root, rec)
-    text = (build(root, tmp_path / "report").out / "verdict.md").read_text()
+    text = (build(root, tmp_path / "report", plots=False).out / "verdict.md").read_text()
     assert "GradMAP prunes in 2 s here, where fixed per-call overheads weigh as much as the passes" in text
     # 65.0 vs 65.5: behind by 0.5 pts, less than the 2-SE noise of 2.0 pts, so the verdict qualifies itself
     assert (

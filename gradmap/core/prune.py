@@ -7,6 +7,8 @@ results table needs. Loading, calibration and evaluation are outside, by design.
 
 from __future__ import annotations
 
+import copy
+import statistics
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -78,6 +80,31 @@ def _warm_up(model: nn.Module, calib_ids: torch.Tensor) -> None:
     model(input_ids=calib_ids[:1].to(model_device(model)), use_cache=False)
 
 
+def _select_and_repair(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    n_remove: int,
+    selector: Any,
+    repair_obj: Any,
+    selector_name: str,
+    repair_cls: Any,
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """One timed pruning span (selection, then repair + surgery) on ``model``, in place: (select span, repair
+    span, selection, repair info)."""
+    device = model_device(model)
+    with timed(device) as select_span:
+        selection = selector.select(model, calib_ids, n_remove)
+    check_selection(selector_name, selection, n_remove, repair_cls)
+    with timed(device) as repair_span:
+        remove_branches(model, selection.partial)  # exact; the repair sees the model without those branches
+        repair_obj.prepare(selection)
+        repair_info = repair_obj.apply(model, calib_ids, selection.removed)
+        remove_layers(model, selection.removed)
+        if selection.partial:
+            renumber_attention(model)
+    return select_span, repair_span, selection, repair_info
+
+
 def prune(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -89,6 +116,7 @@ def prune(
     repair_options: dict[str, Any] | None = None,
     warm_up: bool | None = None,
     diagnostics: bool = True,
+    repeats: int = 1,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` and return a :class:`PruneResult`.
@@ -96,6 +124,12 @@ def prune(
     ``options`` go to the selector (e.g. ``protect_first=1``, ``grad_target="layer_output"``), overriding the
     method preset; ``repair`` overrides the method's default repair and ``repair_options`` its options;
     ``micro_batch_size`` is shared by both. ``method="none"`` returns the dense model untouched.
+
+    ``repeats > 1`` times the pruning span that many times: the first ``repeats - 1`` runs prune a deep copy of the
+    model (copied outside the clock, so the device needs room for a second copy) and are discarded; the last prunes
+    ``model`` itself and gives the result. ``timings`` then holds every repeat's seconds (``*_repeats``, in run
+    order), ``prune_s_min``/``prune_s_median`` and whether every repeat removed the same layers; ``prune_s`` stays
+    the last run's time. Why: one timing cannot tell a method's cost from a noisy machine.
     """
     preset = METHODS.get(method)
     repair_name = repair or preset.repair
@@ -138,16 +172,22 @@ def prune(
         _warm_up(model, calib_ids)
 
     check_pairing(preset.selector, repair_cls)
-    with timed(device) as select_span:
-        selection = selector.select(model, calib_ids, n_remove)
-    check_selection(preset.selector, selection, n_remove, repair_cls)
-    with timed(device) as repair_span:
-        remove_branches(model, selection.partial)  # exact; the repair sees the model without those branches
-        repair_obj.prepare(selection)
-        repair_info = repair_obj.apply(model, calib_ids, selection.removed)
-        remove_layers(model, selection.removed)
-        if selection.partial:
-            renumber_attention(model)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"timing.repeats={repeats!r} must be a whole number >= 1")
+    spans = []
+    extra_removed = []
+    for _ in range(repeats - 1):  # extra repeats first, each on a fresh copy made outside the timed span
+        work = copy.deepcopy(model)
+        sel_span, rep_span, sel, _ = _select_and_repair(
+            work, calib_ids, n_remove, selector, repair_obj, preset.selector, repair_cls
+        )
+        spans.append((sel_span, rep_span))
+        extra_removed.append(sorted(sel.removed))
+        del work
+    select_span, repair_span, selection, repair_info = _select_and_repair(
+        model, calib_ids, n_remove, selector, repair_obj, preset.selector, repair_cls
+    )
+    spans.append((select_span, repair_span))
     if diagnostics:
         repair_info.update(repair_obj.diagnostics(model, calib_ids))
 
@@ -161,6 +201,19 @@ def prune(
         "peak_mem_kind": peak_memory_kind(device),
         "device": device_name(device),
     }
+    if repeats > 1:
+        totals = [a.seconds + b.seconds for a, b in spans]
+        timings.update(
+            {
+                "repeats": repeats,
+                "select_s_repeats": [a.seconds for a, _ in spans],
+                "repair_s_repeats": [b.seconds for _, b in spans],
+                "prune_s_repeats": totals,
+                "prune_s_min": min(totals),
+                "prune_s_median": statistics.median(totals),
+                "repeats_same_layers": all(r == sorted(selection.removed) for r in extra_removed),
+            }
+        )
     return PruneResult(
         model=model,
         method=method,

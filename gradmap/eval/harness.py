@@ -26,10 +26,12 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from gradmap.eval.items import task_items, window_items, write_items
 from gradmap.eval.lmeval_tasks import check_tasks, default_metric_map, higher_is_better, pick_primary, task_metrics
 from gradmap.eval.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
 from gradmap.eval.tasks import local_task_configs
@@ -153,9 +155,11 @@ def _run_lm_eval(
     tasks: list[str],
     cfg: Mapping[str, Any],
     on_output: Callable[[dict[str, Any]], None] | None = None,
+    keep_items: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Score ``tasks`` with lm-eval; returns ({task: {metric: value, metric_stderr: se, n: items}}, lm-eval's
     raw output). ``on_output`` gets the raw output first (the pipeline saves it and hands it to the tracker).
+    ``keep_items``: ask lm-eval for its per-item records (``log_samples``), for :func:`item_rows`.
 
     With ``source: online`` the built-in boolq and winogrande YAMLs compute acc only, so their acc_norm keys
     are absent (the local copies add acc_norm, see gradmap/eval/tasks/*.yaml).
@@ -180,7 +184,7 @@ def _run_lm_eval(
         task_manager=manager,
         num_fewshot=None,  # tasks without num_fewshot (all 7, local and built-in) run 0-shot
         samples=samples or None,
-        log_samples=False,
+        log_samples=keep_items,
     )
     if out is None:  # only non-zero ranks get None; this code runs single-process
         raise RuntimeError("lm-eval returned no results")
@@ -189,8 +193,31 @@ def _run_lm_eval(
     return {name: task_metrics(out, name) for name in tasks}, out
 
 
-def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: torch.device) -> dict:
-    """WikiText-2 perplexity with the preset's window/stride/max_windows: the flat metric + metadata keys."""
+LM_EVAL_BLOCK = ("versions", "n-shot", "higher_is_better", "n-samples", "configs", "lm_eval_version")
+
+
+def lm_eval_block(out: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of lm-eval's output that say what was measured (task versions, configs, n-shot, direction).
+
+    Kept in the result record so a number can be traced to the exact task definition; JSON-safe (configs may hold
+    callables, which become their repr).
+    """
+    import json
+
+    return json.loads(json.dumps({k: out[k] for k in LM_EVAL_BLOCK if k in out}, default=str))
+
+
+def item_rows(out: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Compact per-item rows (gradmap.eval.items) of every leaf task in lm-eval's ``samples``."""
+    samples = out.get("samples") or {}
+    return [row for name in sorted(samples) for row in task_items(name, samples[name])]
+
+
+def _run_ppl(
+    model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: torch.device
+) -> tuple[dict, list[dict[str, Any]]]:
+    """WikiText-2 perplexity with the preset's window/stride/max_windows: the flat metric + metadata keys, and
+    one item row per window (summed NLL, scored tokens)."""
     _check_keys(ppl_cfg, PPL_KEYS, "eval.ppl.")
     dataset = ppl_cfg.get("dataset", "wikitext2")
     if dataset not in PPL_DATASETS:
@@ -211,7 +238,7 @@ def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: t
         bos_token_id=bos,
         device=device,
     )
-    return {
+    flat = {
         f"{dataset}_ppl": res.ppl,
         "ppl_window": res.window,
         "ppl_stride": res.stride,
@@ -219,6 +246,7 @@ def _run_ppl(model: torch.nn.Module, tokenizer: Any, ppl_cfg: Mapping, device: t
         "ppl_windows": res.windows,
         "ppl_add_bos": bos is not None,
     }
+    return flat, window_items(dataset, res.window_nll, res.window_tokens)
 
 
 def resolve_batch_size(value: Any) -> int | str:
@@ -306,6 +334,7 @@ def evaluate(
     cfg: Mapping,
     device: str | torch.device = "cpu",
     on_lm_eval: Callable[[dict[str, Any]], None] | None = None,
+    items_path: str | Path | None = None,
 ) -> dict:
     """Evaluate ``model`` as configured by ``cfg`` (an ``eval`` preset) and return a flat metric dict.
 
@@ -314,6 +343,11 @@ def evaluate(
     ``wikitext2_ppl`` and metadata ``ppl_window``, ``ppl_stride``, ``ppl_tokens``, ``ppl_windows``,
     ``ppl_add_bos``, ``eval_preset``, ``eval_seconds``. A preset with no tasks and no ``ppl`` (``eval=none``)
     returns ``{}`` without touching the model.
+
+    ``items_path`` (e.g. ``<job>/items.jsonl.gz``): also keep every item's outcome and every PPL window's NLL
+    there (:mod:`gradmap.eval.items`) and add ``items_file`` (its name) and ``items_n`` (rows) to the result.
+    With tasks, the result also holds ``lm_eval``: lm-eval's task versions, configs, n-shot and
+    higher_is_better (:func:`lm_eval_block`), for the caller to keep in its record.
 
     The model is moved to ``device`` (unless sharded), evaluated in eval mode, and its train/eval mode
     restored afterwards, so a pruning pipeline that keeps the model in train mode (gradient checkpointing) is
@@ -333,17 +367,28 @@ def evaluate(
     was_training = model.training
     start = time.perf_counter()
     results: dict[str, Any] = {}
+    items: list[dict[str, Any]] = []
     try:
         _place(model, device)
         model.eval()
         if tasks:
-            per_task, out = _run_lm_eval(model, tokenizer, tasks, cfg, on_lm_eval)
+            keep = items_path is not None
+            per_task, out = _run_lm_eval(model, tokenizer, tasks, cfg, on_lm_eval, keep_items=keep)
             results.update(primary_results(out, tasks, per_task, wanted))
+            results["lm_eval"] = lm_eval_block(out)
+            items += item_rows(out) if keep else []
         if ppl_cfg:
-            results.update(_run_ppl(model, tokenizer, ppl_cfg, device))
+            flat, windows = _run_ppl(model, tokenizer, ppl_cfg, device)
+            results.update(flat)
+            items += windows
     finally:
         model.train(was_training)
+    if items_path is not None:
+        results["items_n"] = write_items(items_path, items)
+        results["items_file"] = Path(items_path).name
     results["eval_preset"] = cfg.get("name")
     results["eval_seconds"] = time.perf_counter() - start
-    log.info("eval %s: %s", cfg.get("name"), {k: v for k, v in results.items() if "/" not in k})
+    log.info(
+        "eval %s: %s", cfg.get("name"), {k: v for k, v in results.items() if "/" not in k and not isinstance(v, dict)}
+    )
     return results

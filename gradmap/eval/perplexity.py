@@ -40,6 +40,10 @@ class PerplexityResult:
     window: int
     stride: int
     corpus_tokens: int  # tokens in the whole tokenised text
+    # Per window, in order: summed NLL (nats) and scored tokens. The paired bootstrap of the report resamples these
+    # (two methods scored on the same windows differ window by window far less than their PPLs' spreads suggest).
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -130,8 +134,8 @@ def perplexity(
     later_scored = min(step, first_scored)
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     try:
         for start, end in tqdm(spans, desc="ppl", unit="win", disable=not progress):
             n_scored = first_scored if start == 0 else later_scored
@@ -141,11 +145,12 @@ def perplexity(
             ids = ids.unsqueeze(0).to(device)
             logits = model(input_ids=ids, use_cache=False).logits[0, -n_scored - 1 : -1].float()
             nll = torch.nn.functional.cross_entropy(logits, ids[0, -n_scored:], reduction="sum")
-            total_nll += float(nll.double())
-            total_tokens += n_scored
+            window_nll.append(float(nll.double()))
+            window_tokens.append(n_scored)
     finally:
         model.train(was_training)
-    mean_nll = total_nll / total_tokens
+    total_tokens = sum(window_tokens)
+    mean_nll = math.fsum(window_nll) / total_tokens
     return PerplexityResult(
         ppl=math.exp(mean_nll),
         nll=mean_nll,
@@ -154,4 +159,6 @@ def perplexity(
         window=window,
         stride=step,
         corpus_tokens=int(input_ids.numel()),
+        window_nll=tuple(window_nll),
+        window_tokens=tuple(window_tokens),
     )

@@ -25,10 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--claim", type=float, default=CLAIM, help="the claimed mean speedup (default 4)")
     parser.add_argument("--wandb", action="store_true", help="also log tables and plots as one W&B run")
+    parser.add_argument("--no-plots", action="store_true", help="tables and verdict only (fast)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        files = build(args.sweep_dir, args.out, parse_averaging(args.speedup_baselines), args.claim)
+        files = build(
+            args.sweep_dir, args.out, parse_averaging(args.speedup_baselines), args.claim, plots=not args.no_plots
+        )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.wandb:

@@ -38,5 +38,51 @@ TASK_LABELS = {
     "arc_challenge": "ARC-c",
     "openbookqa": "OBQA",
 }
-PLOTS = ("accuracy_vs_ratio", "ppl_vs_ratio", "pruning_time", "pareto", "removed_layers", "gradmap_stages")
+PLOTS = (
+    "accuracy_vs_ratio",
+    "ppl_vs_ratio",
+    "pruning_time",
+    "pareto",
+    "removed_layers",
+    "gradmap_stages",
+    "per_task",
+    "equal_compute",
+    "layer_scores",
+    "stability",
+    "claim",
+)
 GIB = 2**30
+# Names as a paper prints them; variants not listed keep their config key.
+DISPLAY_NAMES = {
+    "none": "Dense",
+    "gradmap": "GradMAP",
+    "gradmap_s1": "GradMAP (stage 1)",
+    "shortgpt": "ShortGPT",
+    "angular": "Angular",
+    "taylor": "Taylor",
+    "taylor_plus": "Taylor+",
+    "ppl": "PPL",
+    "sleb": "SLEB",
+    "streamline": "LLM-Streamline",
+    "streamline_noheal": "LLM-Streamline (no heal)",
+    "replaceme": "ReplaceMe",
+    "random": "Random",
+    "last_n": "Last-n",
+}
+
+
+def display_name(variant: str) -> str:
+    """ "shortgpt+projection" -> "ShortGPT + projection"; unknown methods keep their key."""
+    method, _, repair = str(variant).partition("+")
+    name = DISPLAY_NAMES.get(method, method)
+    return f"{name} + {repair}" if repair else name
+
+
+def family(variant: str) -> str:
+    """The method family that sets a plot's colour: GradMAP readings, selectors (baselines), controls, dense."""
+    method = str(variant).split("+")[0]
+    if method == DENSE:
+        return "dense"
+    if method.startswith(GRADMAP):
+        return "gradmap"
+    return "control" if method in CONTROLS else "selector"

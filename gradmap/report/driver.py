@@ -9,6 +9,9 @@ from typing import Any
 import pandas as pd
 
 from gradmap.report.common import CLAIM, DEFAULT_AVERAGING, log
+from gradmap.report.figures import plot_claim, plot_equal_compute, plot_layer_scores, plot_per_task, speedups
+from gradmap.report.latex import main_latex, paired_latex, paired_markdown, short_caption
+from gradmap.report.paired import NO_ITEMS, item_table, paired_table
 from gradmap.report.plots import (
     plot_gradmap_stages,
     plot_metric_vs_ratio,
@@ -17,6 +20,7 @@ from gradmap.report.plots import (
     plot_removed_layers,
 )
 from gradmap.report.rows import aggregate, load
+from gradmap.report.stability import plot_stability, stability_table
 from gradmap.report.table import (
     Averaging,
     display,
@@ -41,6 +45,7 @@ class ReportFiles:
     index: Path | None = None
     main: pd.DataFrame | None = None
     speedup: pd.DataFrame | None = None
+    paired: pd.DataFrame | None = None
 
 
 def parse_averaging(value: str | None) -> Averaging:
@@ -54,10 +59,21 @@ def parse_averaging(value: str | None) -> Averaging:
     return Averaging(names)
 
 
-def tables(
-    sweep_dir: Path, averaging: Averaging
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
-    """(main table, speedup table, job states, ok records) of one sweep folder, nothing written."""
+@dataclass
+class Sweep:
+    """Everything read from one sweep folder: per-run rows, the tables derived from them, jobs, records."""
+
+    rows: pd.DataFrame
+    main: pd.DataFrame
+    speedup: pd.DataFrame
+    jobs: pd.DataFrame
+    records: list[dict[str, Any]]
+    items: pd.DataFrame
+    paired: pd.DataFrame
+
+
+def read_sweep(sweep_dir: Path, averaging: Averaging) -> Sweep:
+    """Read and tabulate one sweep folder (nothing written)."""
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {str(sweep_dir)!r} does not exist; give runs/<sweep>")
     rows, jobs, records = load(sweep_dir)
@@ -65,25 +81,44 @@ def tables(
         raise ValueError(
             f"no ok result.json under {sweep_dir} ({len(jobs)} job folders); nothing to report" + unusable_note(jobs)
         )
-    main = main_table(aggregate(rows), averaging)
-    return main, speedup_table(main, averaging), jobs, records
+    matched = rows[rows["protocol"] == "matched"]  # native-setting runs feed the claim figure, not the tables
+    if matched.empty:
+        raise ValueError(f"every run under {sweep_dir} is a native-setting run; the tables need matched runs")
+    main = main_table(aggregate(matched), averaging)
+    items = item_table(matched)
+    return Sweep(rows, main, speedup_table(main, averaging), jobs, records, items, paired_table(main, items))
+
+
+def tables(
+    sweep_dir: Path, averaging: Averaging
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """(main table, speedup table, job states, ok records) of one sweep folder, nothing written."""
+    sweep = read_sweep(sweep_dir, averaging)
+    return sweep.main, sweep.speedup, sweep.jobs, sweep.records
 
 
 def build(
-    sweep_dir: str | Path, out: str | Path | None = None, averaging: Averaging | None = None, claim: float = CLAIM
+    sweep_dir: str | Path,
+    out: str | Path | None = None,
+    averaging: Averaging | None = None,
+    claim: float = CLAIM,
+    plots: bool = True,
 ) -> ReportFiles:
-    """Write every table, plot and the verdict for one sweep folder."""
+    """Write every table, plot and the verdict for one sweep folder (``plots=False``: tables and verdict only,
+    seconds instead of a minute on a busy CPU, where embedding TrueType fonts in each PDF dominates)."""
     sweep_dir = Path(sweep_dir)
     averaging = averaging or Averaging(DEFAULT_AVERAGING)
-    main, speed, jobs, records = tables(sweep_dir, averaging)
+    sweep = read_sweep(sweep_dir, averaging)
+    main, speed, jobs = sweep.main, sweep.speedup, sweep.jobs
     files = ReportFiles(Path(out) if out else sweep_dir / "report")
     files.out.mkdir(parents=True, exist_ok=True)
-    files.main, files.speedup = main, speed
+    files.main, files.speedup, files.paired = main, speed, sweep.paired
     raw_cols = [c for c in main.columns if c not in ("removed_layers",)] + ["removed_layers"]
     raw = main[raw_cols].assign(removed_layers=main["removed_layers"].map(lambda t: " ".join(map(str, t))))
     files.tables += write_table(
         display(main, display_columns(main, averaging)), raw, files.out, "main", main_caption(main, averaging)
     )
+    (files.out / "main.tex").write_text(main_latex(main, short_caption(main)), encoding="utf-8")  # booktabs blocks
     if not speed.empty:
         files.tables += write_table(
             speedup_view(speed),
@@ -93,24 +128,22 @@ def build(
             f"GradMAP speedup = t_method / t_GradMAP per model × ratio; mean and geometric "
             f"mean over [{averaging.label}].",
         )
+    files.tables += write_paired(sweep.paired, files.out)
     jobs.to_csv(files.out / "jobs.csv", index=False)
     files.tables.append(files.out / "jobs.csv")
 
-    files.plots += plot_metric_vs_ratio(main, files.out, "avg", "accuracy_vs_ratio", "average accuracy (%)", False)
-    if main["ppl"].notna().any():
-        windows = main["ppl_window"].dropna().unique()
-        window = f"window {int(windows[0])} tokens, " if len(windows) == 1 else ""
-        files.plots += plot_metric_vs_ratio(
-            main, files.out, "ppl", "ppl_vs_ratio", f"WikiText-2 perplexity ({window}log scale)", True
-        )
-    files.plots += plot_pruning_time(main, files.out)
-    files.plots += plot_pareto(main, files.out)
-    files.plots += plot_removed_layers(main, files.out)
-    files.plots += plot_gradmap_stages(records, main, files.out)
+    stab = stability_table(sweep.rows)
+    stab.to_csv(files.out / "stability.csv", index=False, float_format="%.4g")
+    files.tables.append(files.out / "stability.csv")
+    claim_rows = pd.concat([speedups(sweep.rows, p, averaging) for p in ("matched", "native")], ignore_index=True)
+    claim_rows.to_csv(files.out / "claim.csv", index=False, float_format="%.6g")
+    files.tables.append(files.out / "claim.csv")
+    if plots:
+        files.plots += _plots(sweep, stab, claim_rows, claim, files.out)
 
     files.verdict = files.out / "verdict.md"
     note = unusable_note(jobs)
-    text = verdict(main, speed, averaging, claim)
+    text = verdict(main, speed, averaging, claim, sweep.paired, claim_rows)
     files.verdict.write_text((f"**Not used:**{note.removeprefix(';')}\n\n" if note else "") + text, encoding="utf-8")
     files.index = files.out / "README.md"
     files.index.write_text(index_md(sweep_dir, files, jobs), encoding="utf-8")
@@ -164,3 +197,38 @@ def index_md(sweep_dir: Path, files: ReportFiles, jobs: pd.DataFrame) -> str:
     ]
     lines += [f"![{p.stem}]({p.name})" for p in files.plots if p.suffix == ".png"]
     return "\n".join(lines) + "\n"
+
+
+def write_paired(paired: pd.DataFrame, out: Path) -> list[Path]:
+    """paired.csv (every comparison, raw), paired.md and paired.tex (the average and PPL rows, display form)."""
+    paths = [out / "paired.csv", out / "paired.md", out / "paired.tex"]
+    paired.to_csv(paths[0], index=False, float_format="%.6g")
+    if paired.empty:
+        paths[1].write_text(f"Paired comparisons: {NO_ITEMS} (no run of this sweep kept items.jsonl.gz).\n")
+        paths[2].write_text(f"% Paired comparisons: {NO_ITEMS}.\n")
+        return paths
+    paths[1].write_text(paired_markdown(paired), encoding="utf-8")
+    paths[2].write_text(paired_latex(paired), encoding="utf-8")
+    return paths
+
+
+def _plots(sweep: Sweep, stab: pd.DataFrame, claim_rows: pd.DataFrame, claim: float, out: Path) -> list[Path]:
+    """Every figure of the report (PNG + PDF each)."""
+    main = sweep.main
+    paths = plot_metric_vs_ratio(main, out, "avg", "accuracy_vs_ratio", "average accuracy (%)", False)
+    if main["ppl"].notna().any():
+        windows = main["ppl_window"].dropna().unique()
+        window = f"window {int(windows[0])}, " if len(windows) == 1 else ""
+        paths += plot_metric_vs_ratio(main, out, "ppl", "ppl_vs_ratio", f"WikiText-2 PPL ({window}log)", True)
+    paths += plot_pruning_time(main, out)
+    paths += plot_pareto(main, out)
+    paths += plot_removed_layers(main, out)
+    paths += plot_gradmap_stages(sweep.records, main, out)
+    paths += plot_per_task(main, out)
+    paths += plot_equal_compute(sweep.rows, out)
+    paths += plot_layer_scores(sweep.records, out)
+    paths += plot_stability(sweep.rows, stab, out)
+    if not claim_rows.empty:
+        by_protocol = {p: claim_rows[claim_rows["protocol"] == p] for p in ("matched", "native")}
+        paths += plot_claim(by_protocol["matched"], by_protocol["native"], claim, out)
+    return paths

@@ -61,6 +61,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "n_remove": n_remove,
         "ratio": n_remove / n_layers if n_layers else np.nan,
         **{t: metrics.get(t, np.nan) for t in TASK_NAMES},
+        **{f"{t}_se": _number(metrics.get(f"{t}/{_primary_metric(metrics, t)}_stderr")) for t in tasks},
         "items_per_task": min((metrics.get(f"{t}/n") or 0 for t in tasks), default=np.nan),
         "metric_map": ";".join(f"{t}={_primary_metric(metrics, t)}" for t in tasks),
         "avg": metrics.get("avg", np.nan),
@@ -87,8 +88,31 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "removed_layers": tuple(sorted(record.get("removed_layers") or ())),
         "job_name": record.get("job_name"),
         "reused_from": record.get("reused_from"),
+        "seed": record.get("seed"),
+        "calib_tokens": _calib_tokens(config.get("calib") or {}),
+        "protocol": str((config.get("calib") or {}).get("protocol") or "matched"),
+        "prune_s_repeats": _timed_spans(timing),
+        "items_file": metrics.get("items_file"),
     }
     return row
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
+def _timed_spans(timing: dict[str, Any]) -> tuple[float, ...]:
+    """Every timed pruning span of a run: its repeats (timing.repeats > 1), else its one prune_s."""
+    if timing.get("prune_s_repeats"):
+        return tuple(float(t) for t in timing["prune_s_repeats"])
+    single = timing.get("prune_s")
+    return (float(single),) if isinstance(single, (int, float)) and not isinstance(single, bool) else ()
+
+
+def _calib_tokens(calib: dict[str, Any]) -> int:
+    """Calibration tokens of a run (windows × length; 0 when the record does not say), the matched-tokens key."""
+    n, seq = calib.get("n_samples"), calib.get("seq_len")
+    return int(n) * int(seq) if isinstance(n, int) and isinstance(seq, int) else 0
 
 
 def load(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
@@ -101,8 +125,9 @@ def load(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[s
         ],
         columns=["job", "status", "error", "folder", "reused_from"],
     )
-    records = [r for s in states if s.status == "ok" and (r := read_result(s.dir)) is not None]
-    rows = pd.DataFrame([row_of(r) for r in records])
+    found = [(s, r) for s in states if s.status == "ok" and (r := read_result(s.dir)) is not None]
+    records = [r for _, r in found]
+    rows = pd.DataFrame([{**row_of(r), "job_dir": str(s.dir)} for s, r in found])
     return rows, jobs, records
 
 
@@ -112,7 +137,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     medians = {"select_s", "repair_s", "prune_s", "peak_mem_gib", "prefill_tok_s", "decode_tok_s", "latency_s"}
     spec: dict[str, Any] = {}
     for col in rows.columns:
-        if col in keys:
+        if col in keys or col in ("seed", "job_dir", "prune_s_repeats", "calib_tokens"):
             continue
         if col in medians:
             spec[col] = "median"
@@ -120,8 +145,19 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
             spec[col] = "mean"
         else:
             spec[col] = "first"
-    out = rows.groupby(keys, sort=False, dropna=False).agg(spec)
-    out["runs"] = rows.groupby(keys, sort=False, dropna=False).size()
+    groups = rows.groupby(keys, sort=False, dropna=False)
+    out = groups.agg(spec)
+    out["runs"] = groups.size()
+    out["seeds"] = groups["seed"].nunique() if "seed" in rows else 1
+    out["calib_tokens"] = groups["calib_tokens"].agg(lambda s: int(s.iloc[0]) if s.nunique() == 1 else -1)
+    for col in ("avg", "ppl", "prune_s", *TASK_NAMES):  # spread across runs (seeds): NaN for a single run
+        if col in rows:
+            out[f"{col}_std"] = groups[col].std(ddof=1)
+    if "prune_s_repeats" in rows:  # every timed span of every run of the cell (timing.repeats and seeds together)
+        spans = groups["prune_s_repeats"].agg(lambda s: [t for run in s for t in run])
+        out["prune_s_min"] = spans.map(lambda t: min(t) if t else np.nan)
+        out["prune_s_spread"] = spans.map(lambda t: (max(t) - min(t)) / float(np.median(t)) if len(t) > 1 else np.nan)
+        out["timed_spans"] = spans.map(len)
     out = out.reset_index()
     out["order"] = out["method"].map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
     return out.sort_values(["model", "eval", "n_remove", "order", "variant"], kind="stable").drop(columns="order")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gradmap.report.common import CONTROLS, DENSE, GRADMAP, SHORT_PRUNE_S
+from gradmap.report.paired import NO_ITEMS, ci_text, lookup
 from gradmap.report.table import Averaging, layers_label, times
 
 
@@ -21,6 +22,45 @@ def _fmt_delta(delta: float, noise: float, unit: str, higher_better: bool = True
     return f"{word} by {abs(delta):.2f} {unit}{noisy}"
 
 
+def _ci_word(row: pd.Series, unit: str, higher_better: bool) -> str:
+    """GradMAP vs a method from its paired row (diff = GradMAP - method): counted only when the CI excludes 0."""
+    if not row["significant"]:
+        return f"no detectable difference ({int(row['n_items'])} {'windows' if unit == 'PPL' else 'items'})"
+    ahead = (row["diff"] > 0) == higher_better
+    word = ("ahead" if ahead else "behind") if higher_better else ("lower (better)" if ahead else "higher (worse)")
+    return f"{word} by {abs(row['diff']):.2f} {unit} (CI excludes 0, {int(row['n_items'])} items)"
+
+
+def _ci_cell(row: pd.Series | None) -> str:
+    return "–" if row is None else f"{ci_text(row)} ({int(row['n_items'])})"
+
+
+def _paired_accuracy_lines(variants, acc_ci: dict) -> list[str]:
+    """The accuracy sentence when every comparison has a paired CI (a difference counts only if it excludes 0)."""
+    ahead = [v for v in variants if acc_ci[v]["significant"] and acc_ci[v]["diff"] > 0]
+    behind = [v for v in variants if acc_ci[v]["significant"] and acc_ci[v]["diff"] < 0]
+    tied = [v for v in variants if v not in ahead and v not in behind]
+    n_items = sorted({int(acc_ci[v]["n_items"]) for v in variants})
+    items = f"{n_items[0]}" if len(n_items) == 1 else f"{n_items[0]}-{n_items[-1]}"
+    gaps = {v: abs(float(acc_ci[v]["diff"])) for v in variants}
+    lines = [
+        f"Accuracy (paired bootstrap, 95 % CI over {items} items per comparison): GradMAP is ahead of "
+        f"{len(ahead)} of {len(variants)} methods"
+        + (" (" + ", ".join(f"{v} by {gaps[v]:.2f} pts" for v in ahead) + ")" if ahead else "")
+        + f", behind {len(behind)}"
+        + (" (" + ", ".join(f"{v} by {gaps[v]:.2f} pts" for v in behind) + ")" if behind else "")
+        + (f"; no detectable difference from {', '.join(tied)}" if tied else "")
+        + "."
+    ]
+    if behind:
+        lines.append("**It does not lose less accuracy than every method here.**")
+    elif len(ahead) == len(variants):
+        lines.append("GradMAP loses less accuracy than every method here (every CI excludes 0).")
+    else:
+        lines.append("GradMAP is not shown to lose less accuracy than every method: some CIs include 0.")
+    return lines
+
+
 def _ppl_word(gradmap_ppl: float, other_ppl: float) -> str:
     """GradMAP's perplexity relative to another method's (lower is better)."""
     if not (np.isfinite(gradmap_ppl) and np.isfinite(other_ppl)):
@@ -29,15 +69,30 @@ def _ppl_word(gradmap_ppl: float, other_ppl: float) -> str:
     return "tied" if delta == 0 else f"{'lower (better)' if delta < 0 else 'higher (worse)'} by {abs(delta):.2f}"
 
 
-def verdict(main: pd.DataFrame, speed: pd.DataFrame, averaging: Averaging, claim: float) -> str:
-    """verdict.md: per model and ratio, the measured speedups and accuracy/PPL comparison, stated plainly."""
+def verdict(
+    main: pd.DataFrame,
+    speed: pd.DataFrame,
+    averaging: Averaging,
+    claim: float,
+    paired: pd.DataFrame | None = None,
+    protocols: pd.DataFrame | None = None,
+) -> str:
+    """verdict.md: per model and ratio, the measured speedups and accuracy/PPL comparison, stated plainly.
+
+    ``protocols`` (claim.csv: speedups per protocol, with CIs from repeated timings) adds the native-settings
+    speedups, or says that the sweep has none."""
+    paired = paired if paired is not None else pd.DataFrame()
+    protocols = protocols if protocols is not None else pd.DataFrame()
     lines = [
         f"# Verdict: is GradMAP about {claim:g}× faster at pruning, and does it lose less accuracy?",
         "",
         f"Speedup vs a method = its pruning time / GradMAP's (selection + repair; > 1 means GradMAP is "
         f"faster). The claim is read as: the arithmetic mean over [{averaging.label}] is at least {claim:g}× "
         f"(METHODS.md §5; geometric mean and per-method ratios are shown too). Accuracy = avg of the "
-        f"zero-shot tasks (%); a gap smaller than 2 standard errors of the difference is called noise.",
+        f"zero-shot tasks (%). A difference counts only when its 95 % paired-bootstrap CI over the items both "
+        f"methods scored excludes 0 (paired.csv; the number of items is given with each claim). Runs without "
+        f"per-item records say '{NO_ITEMS}'; their gaps are judged by the cruder independent-samples rule "
+        f"(a gap under 2 standard errors of the difference is called noise) and labelled so.",
         "",
     ]
     if speed.empty:
@@ -62,8 +117,43 @@ def verdict(main: pd.DataFrame, speed: pd.DataFrame, averaging: Averaging, claim
     ]
 
     for _, cell in speed.iterrows():
-        lines += _verdict_cell(main, cell, averaging, claim)
+        lines += _verdict_cell(main, cell, averaging, claim, paired)
+        lines[-1:-1] = _protocol_lines(protocols, cell, claim)
     return "\n".join(lines)
+
+
+def _protocol_lines(protocols: pd.DataFrame, cell: pd.Series, claim: float) -> list[str]:
+    """The speedups under both protocols (matched tokens; native settings), with timing CIs where repeated."""
+    if protocols.empty:
+        return []
+    here = protocols[(protocols["model"] == cell["model"]) & (protocols["n_remove"] == cell["n_remove"])]
+    out = []
+    for protocol, label in (("matched", "matched calibration tokens"), ("native", "native settings")):
+        rows = here[here["protocol"] == protocol]
+        if rows.empty:
+            if protocol == "native":
+                out.append(
+                    "Speed at native settings: no runs at native settings in this sweep "
+                    "(`+calib.protocol=native`), so that protocol is not judged."
+                )
+            continue
+        parts = []
+        for _, r in rows.iterrows():
+            ci = f" [{r['ci_low']:.2g}, {r['ci_high']:.2g}]" if np.isfinite(r["ci_low"]) else ""
+            parts.append(f"{r['variant']} {times(r['speedup'])}×{ci}")
+        members = rows[rows["in_set"]]["speedup"].to_numpy(float)
+        means = (
+            f"; mean {np.mean(members):.2f}×, geometric {np.exp(np.mean(np.log(members))):.2f}× over the set"
+            if len(members)
+            else ""
+        )
+        driver = rows.loc[rows["speedup"].idxmax(), "variant"] if len(rows) else None
+        out.append(
+            f"Speedups, {label} (95 % CI from repeated timings where there are several): {', '.join(parts)}{means}"
+            + (f"; the largest ratio ({driver}) drives the arithmetic mean" if len(members) > 1 else "")
+            + f" (claim: {claim:g}×)."
+        )
+    return out
 
 
 def _inference_lines(rows: pd.DataFrame, g: pd.Series) -> list[str]:
@@ -86,7 +176,9 @@ def _inference_lines(rows: pd.DataFrame, g: pd.Series) -> list[str]:
     return [f"Inference: the GradMAP-pruned model decodes {g['decode_speedup']:.2f}× as fast as dense{spread}."]
 
 
-def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, claim: float) -> list[str]:
+def _verdict_cell(
+    main: pd.DataFrame, cell: pd.Series, averaging: Averaging, claim: float, paired: pd.DataFrame
+) -> list[str]:
     key = (main["model"] == cell["model"]) & (main["eval"] == cell["eval"]) & (main["n_remove"] == cell["n_remove"])
     rows = main[key].set_index("variant")
     g = rows.loc[GRADMAP]
@@ -101,6 +193,9 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
         lines.append("**Warning:** these methods ran on different devices; their times are not comparable.")
     others = rows.drop(index=[GRADMAP] + [v for v in rows.index if rows.loc[v, "method"] == DENSE])
     members = set(averaging.members(rows.index))
+    where = (cell["model"], cell["eval"], cell["n_remove"], GRADMAP)
+    acc_ci = {v: lookup(paired, *where, v, "avg") for v in others.index}
+    ppl_ci = {v: lookup(paired, *where, v, "ppl") for v in others.index}
     table = pd.DataFrame(
         {
             "method": others.index,
@@ -111,11 +206,18 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
             ],
             "avg (%)": others["avg"].map("{:.2f}".format),
             "GradMAP accuracy": [
-                _fmt_delta(g["avg"] - r["avg"], 2 * math.hypot(g["avg_se"], r["avg_se"]), "pts")
-                for _, r in others.iterrows()
+                _ci_word(acc_ci[v], "pts", True)
+                if acc_ci[v] is not None
+                else _fmt_delta(g["avg"] - r["avg"], 2 * math.hypot(g["avg_se"], r["avg_se"]), "pts")
+                for v, r in others.iterrows()
             ],
+            "Δavg [95 % CI] (items)": [_ci_cell(acc_ci[v]) for v in others.index],
             "PPL": others["ppl"].map("{:.2f}".format),
-            "GradMAP PPL": [_ppl_word(g["ppl"], r["ppl"]) for _, r in others.iterrows()],
+            "GradMAP PPL": [
+                _ci_word(ppl_ci[v], "PPL", False) if ppl_ci[v] is not None else _ppl_word(g["ppl"], r["ppl"])
+                for v, r in others.iterrows()
+            ],
+            "ΔPPL [95 % CI] (windows)": [_ci_cell(ppl_ci[v]) for v in others.index],
         }
     )
     if not table.empty:
@@ -149,17 +251,22 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
                 f"({g['d_avg']:+.2f} pts, retention {g['retention_pct']:.1f}%)."
             )
         comp = others[others["avg"].notna()]
+        if comp.index.map(lambda v: acc_ci[v] is not None).all() and len(comp):
+            lines += _paired_accuracy_lines(comp.index, acc_ci)
+            comp = comp.iloc[0:0]  # judged by the paired CIs above; the independent-samples rule is not needed
         deltas = g["avg"] - comp["avg"]
         noise = 2 * np.hypot(g["avg_se"], comp["avg_se"])
         ahead, behind = comp.index[deltas > 0].tolist(), comp.index[deltas < 0].tolist()
         noisy = comp.index[np.isfinite(noise) & (deltas.abs() < noise)].tolist()
         all_noisy = len(noisy) == len(comp)
-        lines.append(
-            f"Accuracy: GradMAP is ahead of {len(ahead)} of {len(comp)} methods and behind {len(behind)}"
-            + (f" ({', '.join(f'{v} by {-deltas[v]:.2f} pts' for v in behind)})" if behind else "")
-            + (f"; within noise of {', '.join(noisy)}" if noisy else "")
-            + "."
-        )
+        if len(comp):
+            lines.append(
+                f"Accuracy ({NO_ITEMS}; independent-samples rule): GradMAP is ahead of {len(ahead)} of "
+                f"{len(comp)} methods and behind {len(behind)}"
+                + (f" ({', '.join(f'{v} by {-deltas[v]:.2f} pts' for v in behind)})" if behind else "")
+                + (f"; within noise of {', '.join(noisy)}" if noisy else "")
+                + "."
+            )
         if behind:
             lines.append(
                 "**It does not lose less accuracy than every method here**"
@@ -187,6 +294,19 @@ def _verdict_cell(main: pd.DataFrame, cell: pd.Series, averaging: Averaging, cla
             + (f", higher than {worse_text}" if worse else "")
             + "."
         )
+        with_ci = [v for v in comp.index if ppl_ci.get(v) is not None]
+        if with_ci:
+            better = [v for v in with_ci if ppl_ci[v]["significant"] and ppl_ci[v]["diff"] < 0]
+            worse_ci = [v for v in with_ci if ppl_ci[v]["significant"] and ppl_ci[v]["diff"] > 0]
+            windows = int(max(ppl_ci[v]["n_items"] for v in with_ci))
+            lines.append(
+                f"PPL, paired over {windows} windows (95 % CI excludes 0): lower than {len(better)}, higher than "
+                f"{len(worse_ci)}"
+                + (f" ({', '.join(worse_ci)})" if worse_ci else "")
+                + f", no detectable difference from {len(with_ci) - len(better) - len(worse_ci)} of {len(with_ci)}."
+            )
+        else:
+            lines.append(f"PPL: {NO_ITEMS}.")
     lines += _inference_lines(rows, g)
     caveats = []
     if pd.notna(g["prune_s"]) and g["prune_s"] < SHORT_PRUNE_S:
