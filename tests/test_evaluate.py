@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from gradmap.eval.harness import evaluate, resolve_limits, subset_indices
+from gradmap.eval.items import ITEMS_FILE, read_items
 from gradmap.eval.perplexity import load_ppl_text, perplexity, tokenize_corpus, wikitext2_rows
 from gradmap.eval.tasks import DATA_DIR, PRIMARY_METRIC, TASK_NAMES, load_task_config, local_task_configs
 
@@ -169,6 +170,31 @@ def test_evaluate_tiny_model_keys_and_ranges(tiny_model, tokenizer) -> None:
     assert math.isfinite(res["wikitext2_ppl"]) and res["wikitext2_ppl"] > 1
     assert (res["ppl_window"], res["ppl_windows"], res["ppl_tokens"]) == (64, 2, 2 * 63)
     assert res["eval_preset"] == "t"
+
+
+def test_evaluate_keeps_items_and_lm_eval_block(tiny_model, tokenizer, tmp_path) -> None:
+    """items.jsonl.gz holds one row per scored item (its metric matches the aggregate) and per PPL window (their
+    NLLs give back the PPL); the result keeps lm-eval's versions, n-shot and higher_is_better."""
+    cfg = {"name": "t", "tasks": ["arc_easy", "piqa"], "limit": {"arc_easy": 4, "piqa": 3}, "subset_seed": 0,
+           "batch_size": 4, "source": "local", "ppl": {"window": 64, "max_windows": 3}}  # fmt: skip
+    res = evaluate(tiny_model, tokenizer, cfg, items_path=tmp_path / ITEMS_FILE)
+    rows = read_items(tmp_path)
+    assert res["items_file"] == ITEMS_FILE and res["items_n"] == len(rows) == 4 + 3 + 3
+    for task, n in cfg["limit"].items():
+        items = [r for r in rows if r["task"] == task]
+        assert len(items) == n and len({r["doc_id"] for r in items}) == n
+        assert [r["doc_id"] for r in items] == subset_indices(task, {"arc_easy": 2376, "piqa": 1838}[task], n, 0)
+        for metric in ("acc", "acc_norm"):
+            assert sum(r[metric] for r in items) / n == pytest.approx(res[f"{task}/{metric}"])
+        assert all(len(r["ll"]) >= 2 and len(r["doc_hash"]) == 16 for r in items)
+    windows = [r for r in rows if r["task"] == "wikitext2_ppl"]
+    assert [w["doc_id"] for w in windows] == [0, 1, 2] and all(w["tokens"] == 63 for w in windows)
+    ppl = math.exp(sum(w["nll"] for w in windows) / sum(w["tokens"] for w in windows))
+    assert ppl == pytest.approx(res["wikitext2_ppl"], rel=1e-9)
+    block = res["lm_eval"]
+    assert block["n-shot"] == {"arc_easy": 0, "piqa": 0}
+    assert block["higher_is_better"]["piqa"]["acc"] is True and set(block["versions"]) == {"arc_easy", "piqa"}
+    assert "items_file" not in evaluate(tiny_model, tokenizer, {**cfg, "tasks": [], "limit": None})
 
 
 def test_eval_none_returns_empty() -> None:

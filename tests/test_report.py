@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from gradmap.eval.items import ITEMS_FILE, read_items, write_items
 from gradmap.report import (
     DEFAULT_AVERAGING,
     PLOTS,
@@ -22,6 +27,16 @@ from gradmap.report import (
     pareto_front,
     parse_averaging,
     tables,
+)
+from gradmap.report.latex import standalone
+from gradmap.report.paired import NO_ITEMS
+from gradmap.report.stability import jaccard, stability_table
+from gradmap.report.stats import (
+    independent_noise,
+    paired_bootstrap,
+    ppl_paired_bootstrap,
+    ratio_bootstrap,
+    stratified_paired_bootstrap,
 )
 
 MODEL, EVAL, L = "toy", "quick", 8
@@ -286,3 +301,189 @@ def test_verdict_qualifies_short_times_and_gaps_within_noise(tmp_path):
         "does not lose less accuracy than every method here** — though every gap is within noise at this "
         "evaluation size."
     ) in text
+
+
+# ------------------------------------------------------------------------------------ paired statistics, evidence
+
+
+def correlated_pair(n: int, flips: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two methods on the same n items: b is a with ``flips`` of a's correct items turned wrong (hard items are hard
+    for both, as between two pruned copies of one model)."""
+    rng = np.random.default_rng(seed)
+    a = (rng.uniform(size=n) < rng.uniform(size=n)).astype(float)
+    b = a.copy()
+    b[rng.choice(np.flatnonzero(a == 1), flips, replace=False)] = 0
+    return a, b
+
+
+def test_paired_ci_detects_what_the_independent_rule_calls_noise():
+    a, b = correlated_pair(1000, 40, seed=1)  # a is 4.0 points ahead on the same items
+    iv = paired_bootstrap(a, b)
+    assert iv.estimate == pytest.approx(0.04) and iv.n == 1000
+    assert iv.significant and iv.low > 0.02, iv
+    noise = independent_noise(a, b)
+    assert abs(a.mean() - b.mean()) < noise, "the independent-samples rule must call this gap noise"
+    avg = stratified_paired_bootstrap([(a[:500], b[:500]), (a[500:], b[500:])])
+    assert avg.significant and avg.n == 1000
+
+
+def test_zero_difference_covers_zero_at_the_stated_rate():
+    """Two methods with the same accuracy on every item in expectation: the 95 % CI must cover 0 about 95 % of the
+    time (binomial 99 % band for 200 trials: 176..198 of 200)."""
+    covered = 0
+    trials = 200
+    for seed in range(trials):
+        rng = np.random.default_rng(1000 + seed)
+        p = rng.uniform(size=300)
+        a = (rng.uniform(size=300) < p).astype(float)
+        b = (rng.uniform(size=300) < p).astype(float)
+        iv = paired_bootstrap(a, b, resamples=1000, seed=seed)
+        covered += iv.low <= 0 <= iv.high
+    assert 176 <= covered <= 198, covered
+
+
+def test_ppl_and_ratio_intervals():
+    rng = np.random.default_rng(0)
+    base = rng.normal(400, 40, 30)
+    iv = ppl_paired_bootstrap(base + 5, base, np.full(30, 100))  # +0.05 nats per token on every window
+    expected = np.exp((base.sum() + 150) / 3000) - np.exp(base.sum() / 3000)
+    assert iv.estimate == pytest.approx(expected) and iv.significant and iv.n == 30
+    ratio = ratio_bootstrap([10.0, 11.0, 9.0], [1.0, 1.1, 0.9])
+    assert ratio.estimate == pytest.approx(10.0) and ratio.low <= 10.0 <= ratio.high
+    assert np.isnan(ratio_bootstrap([10.0], [1.0, 1.1]).low), "one timing has no CI"
+    with pytest.raises(ValueError, match="resamples=10"):
+        paired_bootstrap([1, 0], [0, 0], resamples=10)
+
+
+def test_items_roundtrip_is_deterministic(tmp_path):
+    rows = [{"task": "boolq", "doc_id": 3, "acc": 1.0}, {"task": "wikitext2_ppl", "doc_id": 0, "nll": 1.5, "tokens": 7}]
+    assert write_items(tmp_path / "a" / ITEMS_FILE, rows) == 2
+    write_items(tmp_path / "b" / ITEMS_FILE, rows)
+    assert (tmp_path / "a" / ITEMS_FILE).read_bytes() == (tmp_path / "b" / ITEMS_FILE).read_bytes()
+    assert read_items(tmp_path / "a") == rows
+    (tmp_path / "c.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="unreadable"):
+        read_items(tmp_path / "c.gz")
+
+
+N_ITEMS = 400
+
+
+def items_for(acc: np.ndarray, nll: np.ndarray) -> list[dict]:
+    """boolq and piqa items (acc) + 8 PPL windows, in the items.jsonl.gz layout."""
+    half = len(acc) // 2
+    rows = [{"task": "boolq", "doc_id": i, "doc_hash": f"b{i}", "acc": float(v)} for i, v in enumerate(acc[:half])]
+    rows += [{"task": "piqa", "doc_id": i, "doc_hash": f"p{i}", "acc": float(v)} for i, v in enumerate(acc[half:])]
+    rows += [{"task": "wikitext2_ppl", "doc_id": i, "nll": float(v), "tokens": 100} for i, v in enumerate(nll)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory):
+    """A sweep with items and two seeds per pruned method: GradMAP 4 points ahead of shortgpt on the same items."""
+    root = tmp_path_factory.mktemp("runs") / "evidence"
+    a, b = correlated_pair(N_ITEMS, 16, seed=3)
+    dense = np.clip(a + (1 - a) * (np.arange(N_ITEMS) % 3 == 0), 0, 1)
+    windows = np.full(8, 300.0) + np.arange(8)
+    specs = [("none", 0, dense, windows, [], 0), ("gradmap", 2, a, windows + 20, [5, 6], 0)]
+    specs += [("gradmap", 2, a, windows + 20, [5, 7], 1), ("shortgpt", 2, b, windows + 40, [5, 6], 0)]
+    specs += [("shortgpt", 2, b, windows + 40, [5, 6], 1)]
+    for method, n, acc, nll, removed, seed in specs:
+        half = N_ITEMS // 2
+        rec = record(method, n, acc[:half].mean(), acc[half:].mean(), float(np.exp(nll.sum() / 800)), 8.0 + seed,
+                     2.0, removed=removed, seed=seed)  # fmt: skip
+        rec["job_name"] += f"-s{seed}"
+        rec["metrics"]["items_file"] = ITEMS_FILE
+        rec["config"]["calib"] = {"n_samples": 4, "seq_len": 64}
+        write(root, rec)
+        write_items(root / f"{rec['job_name']}-{rec['job_id']}" / ITEMS_FILE, items_for(acc, nll))
+    return root, build(root, tmp_path_factory.mktemp("evidence_report"))
+
+
+def test_paired_csv_has_cis_and_the_verdict_counts_only_excluding_cis(evidence):
+    _, files = evidence
+    paired = pd.read_csv(files.out / "paired.csv")
+    for col in ("diff", "ci_low", "ci_high", "significant", "n_items", "runs_a", "runs_b"):
+        assert col in paired, col
+    row = paired[(paired["a"] == "gradmap") & (paired["b"] == "shortgpt") & (paired["metric"] == "avg")].iloc[0]
+    assert row["diff"] == pytest.approx(100 * 16 / N_ITEMS) and row["n_items"] == N_ITEMS
+    assert row["ci_low"] > 0 and bool(row["significant"]) and row["runs_a"] == 2
+    ppl = paired[(paired["a"] == "gradmap") & (paired["b"] == "shortgpt") & (paired["metric"] == "ppl")].iloc[0]
+    assert ppl["diff"] < 0 and ppl["ci_high"] < 0 and ppl["n_items"] == 8
+    assert set(paired["b"]) >= {"none", "shortgpt"}
+    text = files.verdict.read_text()
+    assert f"95 % CI over {N_ITEMS} items per comparison): GradMAP is ahead of 1 of 1 methods" in text
+    assert "PPL, paired over 8 windows" in text
+    assert NO_ITEMS not in text.split("## toy")[1]
+
+
+def test_seeds_give_mean_std_and_stability(evidence):
+    _, files = evidence
+    main_df = pd.read_csv(files.out / "main.csv")
+    g = cell(main_df, "gradmap", 2)
+    assert g["runs"] == 2 and g["seeds"] == 2 and g["prune_s_std"] == pytest.approx(np.std([10.0, 11.0], ddof=1))
+    stab = pd.read_csv(files.out / "stability.csv")
+    seeds = stab[stab["axis"] == "seed"].set_index("variant")
+    assert seeds.loc["gradmap", "mean_jaccard"] == pytest.approx(jaccard((5, 6), (5, 7)))  # 1/3
+    assert seeds.loc["shortgpt", "mean_jaccard"] == pytest.approx(1.0)
+    assert r"\pm" in (files.out / "main.tex").read_text()
+
+
+def test_reports_without_items_say_so(report):
+    assert NO_ITEMS in (report.out / "paired.md").read_text()
+    assert NO_ITEMS in report.verdict.read_text()
+
+
+def pdf_facts(path: Path) -> tuple[float, bool, bool]:
+    """(page width in inches, embeds a TrueType font file, uses a Type 3 font) of a matplotlib PDF."""
+    data = path.read_bytes()
+    box = re.search(rb"/MediaBox\s*\[\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*\]", data)
+    assert box, path
+    width = (float(box.group(3)) - float(box.group(1))) / 72
+    return width, b"/FontFile2" in data, b"/Type3" in data
+
+
+def test_every_pdf_is_paper_ready(report, evidence):
+    pdfs = sorted(report.out.glob("*.pdf")) + sorted(evidence[1].out.glob("*.pdf"))
+    assert {"claim.pdf", "stability.pdf", "per_task.pdf", "equal_compute.pdf"} <= {p.name for p in pdfs}
+    for path in pdfs:
+        width, truetype, type3 = pdf_facts(path)
+        assert width <= 7.0 + 1e-6, (path.name, width)
+        assert truetype and not type3, path.name
+
+
+def test_claim_figure_and_native_protocol_missing(report):
+    claim = pd.read_csv(report.out / "claim.csv")
+    assert set(claim["protocol"]) == {"matched"}
+    sleb = claim[(claim["variant"] == "sleb") & (claim["n_remove"] == 2)].iloc[0]
+    assert sleb["speedup"] == pytest.approx(6.0) and bool(sleb["in_set"])
+    assert "no runs at native settings in this sweep" in report.verdict.read_text()
+
+
+def test_main_tex_is_booktabs_blocks_and_compiles(report, evidence, tmp_path):
+    tex = (report.out / "main.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count(r"\multicolumn") == 3  # dense, 25 %, 50 %
+    assert "Taylor+" in tex and "taylor_plus" not in tex and r"\textbf{" in tex
+    assert re.search(r"\\begin\{tabular\}\{lr+\}", tex)
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex here: structure checked only (apt-get install texlive-latex-recommended)")
+    for source in (report.out / "main.tex", evidence[1].out / "paired.tex", evidence[1].out / "main.tex"):
+        doc = tmp_path / f"{source.parent.name}-{source.name}"
+        doc.write_text(standalone(source.read_text()))
+        run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_stability_axes_and_jaccard():
+    rows = pd.DataFrame(
+        {
+            "model": "m", "eval": "e", "variant": "x", "method": "x", "n_remove": 2, "n_layers": 8,
+            "seed": [0, 1, 0], "calib_tokens": [256, 256, 512],
+            "removed_layers": [(1, 2), (1, 3), (4, 5)],
+        }
+    )  # fmt: skip
+    stab = stability_table(rows).set_index("axis")
+    assert stab.loc["seed", "pairs"] == 1 and stab.loc["seed", "mean_jaccard"] == pytest.approx(1 / 3)
+    assert stab.loc["calib_size", "pairs"] == 2 and stab.loc["calib_size", "mean_jaccard"] == 0.0
+    assert jaccard((), ()) == 1.0

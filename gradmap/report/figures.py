@@ -55,13 +55,12 @@ def speedups(rows: pd.DataFrame, protocol: str, averaging: Averaging) -> pd.Data
                 continue
             t_b = _spans(own, model, ev, n_remove, variant)
             iv = ratio_bootstrap(t_b, t_g)
-            n_layers = cell["n_layers"].iloc[0]
             out.append(
                 {
                     "model": model,
                     "eval": ev,
                     "n_remove": n_remove,
-                    "ratio": n_remove / n_layers,
+                    "ratio": float(cell["nominal_ratio"].iloc[0]),
                     "protocol": protocol,
                     "variant": variant,
                     "speedup": iv.estimate,
@@ -95,7 +94,7 @@ def _claim_panel(ax: Any, cell: pd.DataFrame, claim: float, title: str) -> None:
         [[v - lo if np.isfinite(lo) else 0 for v, lo in zip(values, low)],
          [hi - v if np.isfinite(hi) else 0 for v, hi in zip(values, high)]]
     )  # fmt: skip
-    ax.barh(y, values, xerr=err, color=colors, capsize=1.5)
+    ax.barh(y, values, xerr=err if err.any() else None, color=colors, capsize=1.5)
     ax.axvline(claim, color="black", ls="--", lw=0.8, label=f"claimed {claim:g}×")
     ax.axvline(1.0, color="0.5", lw=0.6)
     ax.set_xscale("log")
@@ -117,15 +116,15 @@ def plot_claim(matched: pd.DataFrame, native: pd.DataFrame, claim: float, out: P
     fig, axes = figure(TEXT_WIDTH, 0.16 * max(len(c) for _, c in cells) * len(cells) + 1.3 * len(cells), len(cells), 2)
     for (key, cell), (ax_m, ax_n) in zip(cells, axes):
         model, _ev, n_remove = key
-        where = f"{model}, {100 * cell['ratio'].iloc[0]:g}% removed"
-        _claim_panel(ax_m, cell, claim, f"(a) matched calibration tokens: {where}")
+        where = f"{model}, {100 * cell['ratio'].iloc[0]:.3g}% removed"
+        _claim_panel(ax_m, cell, claim, f"{where}: (a) matched tokens")
         nat = native[(native["model"] == model) & (native["n_remove"] == n_remove)] if len(native) else native
         if len(nat):
             proto = nat["gradmap_protocol"].iloc[0]
-            _claim_panel(ax_n, nat, claim, f"(b) native settings (GradMAP: {proto}): {where}")
+            _claim_panel(ax_n, nat, claim, f"(b) native settings (GradMAP {proto})")
         else:
             ax_n.text(0.5, 0.5, NATIVE_MISSING, ha="center", va="center", transform=ax_n.transAxes)
-            ax_n.set_title(f"(b) native settings: {where}")
+            ax_n.set_title("(b) native settings")
             ax_n.set_axis_off()
     axes[0, 0].legend(frameon=False, loc="lower right")
     return save(fig, out, "claim")
@@ -158,7 +157,7 @@ def plot_per_task(main: pd.DataFrame, out: Path) -> list[Path]:
                       color="black", lw=0.9, label="Dense")  # fmt: skip
         ax.set_xticks(np.arange(len(tasks)), [TASK_LABELS[t] for t in tasks])
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{model}, {100 * g['ratio'].iloc[0]:g}% removed")
+        ax.set_title(f"{model}, {100 * g['nominal_ratio'].iloc[0]:.3g}% removed")
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
     legend_below(fig, list(axes.flat), ncols=6)
@@ -171,7 +170,8 @@ def plot_equal_compute(rows: pd.DataFrame, out: Path) -> list[Path]:
     if pruned.empty:
         return []
     by = pruned.groupby(["model", "eval", "n_remove", "variant", "calib_tokens"], sort=False, dropna=False)
-    pts = by.agg(avg=("avg", "mean"), prune_s=("prune_s", "median"), ratio=("ratio", "first")).reset_index()
+    pts = by.agg(avg=("avg", "mean"), prune_s=("prune_s", "median"), nominal_ratio=("nominal_ratio", "first"))
+    pts = pts.reset_index()
     cells = list(pts.groupby(["model", "eval", "n_remove"], sort=False, dropna=False))
     nrows, ncols = grid(len(cells), 3)
     fig, axes = figure(TEXT_WIDTH if ncols > 1 else ONE_COLUMN, 2.2 * nrows + 0.8, nrows, ncols)
@@ -191,7 +191,7 @@ def plot_equal_compute(rows: pd.DataFrame, out: Path) -> list[Path]:
         plain_log_axis(ax.xaxis, g["prune_s"])
         ax.set_xlabel("pruning time (s, log)")
         ax.set_ylabel("average accuracy (%)")
-        ax.set_title(f"{model}, {100 * g['ratio'].iloc[0]:g}% removed")
+        ax.set_title(f"{model}, {100 * g['nominal_ratio'].iloc[0]:.3g}% removed")
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
     if not swept:

@@ -66,11 +66,11 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
             core = pruned[~pruned["method"].isin(CONTROLS)][metric].dropna()
             top = CLIP_FACTOR * core.max() if not core.empty else None
         for variant, g in sorted(pruned.groupby("variant"), key=lambda kv: order_key(kv[0])):
-            g = g.sort_values("ratio")
+            g = g.sort_values("nominal_ratio")
             if not g[metric].notna().any():
                 continue
             s = style[variant]
-            x, y = 100 * g["ratio"].to_numpy(), g[metric].to_numpy(float)
+            x, y = 100 * g["nominal_ratio"].to_numpy(), g[metric].to_numpy(float)
             shown = np.minimum(y, top) if top is not None else y
             ax.errorbar(
                 x,
@@ -99,7 +99,7 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
             plain_log_axis(ax.yaxis, values)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ratio_ticks(ax, pruned["ratio"])
+        ratio_ticks(ax, pruned["nominal_ratio"])
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
     legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 3)
@@ -127,7 +127,7 @@ def plot_pruning_time(main: pd.DataFrame, out: Path) -> list[Path]:
                 yerr=None if err is None or np.all(np.isnan(err)) else np.nan_to_num(err),
                 capsize=1.5,
                 color=shades[j % len(shades)],
-                label=f"{100 * ratio:g}% removed",
+                label=f"{100 * ratio:.3g}% removed",
             )
         ax.set_yscale("log")
         plain_log_axis(ax.yaxis, group["prune_s"])
@@ -161,7 +161,7 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
         return []
     style = styles(main["variant"])
     cells = [
-        (f"{title}, {100 * r:g}% removed", group[group["ratio"] == r])
+        (f"{title}, {100 * r:.3g}% removed", group[group["ratio"] == r])
         for title, group in panels(pruned)
         for r in sorted(group["ratio"].unique())
     ]
@@ -232,7 +232,7 @@ def plot_removed_layers(main: pd.DataFrame, out: Path) -> list[Path]:
         g = g.sort_values("variant", key=lambda s: s.map(order_key))
         n_layers = int(g["n_layers"].max())
         removed_grid(ax, [display_name(v) for v in g["variant"]], list(g["removed_layers"]), n_layers)
-        ax.set_title(f"{title}: {int(g['n_remove'].iloc[0])}/{n_layers} removed ({100 * ratio:g}%)")
+        ax.set_title(f"{title}: {int(g['n_remove'].iloc[0])}/{n_layers} removed ({100 * ratio:.3g}%)")
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
     return save(fig, out, "removed_layers")
@@ -258,7 +258,7 @@ def plot_gradmap_stages(records: list[dict[str, Any]], main: pd.DataFrame, out: 
         ratios = sorted(set(removed_at.values()))
         shade = {ratio: shades[i % len(shades)] for i, ratio in enumerate(ratios)}
         ax1.bar(layers, [first[i] for i in layers], color=[shade.get(removed_at.get(i), "0.75") for i in layers])
-        handles = [Patch(color=shade[ratio], label=f"removed at {100 * ratio:g}%") for ratio in ratios]
+        handles = [Patch(color=shade[ratio], label=f"removed at {100 * ratio:.3g}%") for ratio in ratios]
         handles.append(Patch(color="0.75", label="kept at every ratio"))
         values = [v for v in first.values() if v > 0]
         if values and max(values) / min(values) > 100:
@@ -275,7 +275,7 @@ def plot_gradmap_stages(records: list[dict[str, Any]], main: pd.DataFrame, out: 
                 continue
             xs = sorted(shifts)
             color = shades[i % len(shades)]
-            ax2.plot(xs, [shifts[x] for x in xs], marker=".", color=color, label=f"{100 * r['ratio']:g}% removed")
+            ax2.plot(xs, [shifts[x] for x in xs], marker=".", color=color, label=f"{100 * r['ratio']:.3g}% removed")
             site = info.get("site")
             if site is not None and int(site) in shifts:
                 ax2.plot([int(site)], [shifts[int(site)]], marker="D", ms=5, color=color, mec="black", ls="none")

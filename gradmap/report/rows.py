@@ -60,6 +60,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "n_layers": n_layers,
         "n_remove": n_remove,
         "ratio": n_remove / n_layers if n_layers else np.nan,
+        "nominal_ratio": _nominal(config, n_remove, n_layers),
         **{t: metrics.get(t, np.nan) for t in TASK_NAMES},
         **{f"{t}_se": _number(metrics.get(f"{t}/{_primary_metric(metrics, t)}_stderr")) for t in tasks},
         "items_per_task": min((metrics.get(f"{t}/n") or 0 for t in tasks), default=np.nan),
@@ -95,6 +96,14 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "items_file": metrics.get("items_file"),
     }
     return row
+
+
+def _nominal(config: dict[str, Any], n_remove: Any, n_layers: Any) -> float:
+    """The ratio the run asked for (prune.ratio, e.g. 0.125), which plots and titles show; else n_remove / L."""
+    asked = (config.get("prune") or {}).get("ratio") or (config.get("prune") or {}).get("default_ratio")
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool) and n_remove:
+        return float(asked)
+    return n_remove / n_layers if n_layers else np.nan
 
 
 def _number(value: Any) -> float:
