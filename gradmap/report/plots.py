@@ -102,7 +102,7 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
         ratio_ticks(ax, pruned["nominal_ratio"])
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 3)
+    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 2)
     return save(fig, out, stem)
 
 
