@@ -10,7 +10,6 @@ raises :class:`ConfigError` with one line naming the key, the bad value and what
 Component options are checked against what each selector and repair declares (their dataclass fields and
 ``__post_init__`` checks, :mod:`gradmap.core.components`), and the shipped data files against the sha256 listed in
 ``data/SOURCES.md`` (a cut-down WikiText file would otherwise give a perplexity with status ok).
-
 Adding a config key: add a field to the group's schema below (and a line to docs/reliability.md).
 """
 
@@ -30,7 +29,6 @@ from gradmap import paths
 MAX_SEED = 2**32 - 1
 # Decoder-layer counts known without loading the model (the tiny model's comes from its config block).
 KNOWN_LAYERS = {"gguf_smollm2": 30, "smollm2_135m": 30}
-
 
 REQUIRED = {"required": True}
 
@@ -168,6 +166,7 @@ class ConfigSchema:
     tracker: TrackerSchema = field(default=None, metadata=REQUIRED)
     prune: PruneSchema = field(default=None, metadata=REQUIRED)
     speed: SpeedSchema | None = None
+    timing: dict | None = None  # {repeats: int >= 1}, checked by gradmap.core.prune
     sweep: str = rule(name=True, required=True)
     runs_dir: str = rule(required=True)
     device: str = rule(required=True)
@@ -176,6 +175,7 @@ class ConfigSchema:
     save_model: bool = None
     save_path: str | None = None
     push_to_hub: str | None = None
+    save_items: bool = None
     force: bool = None
     reuse_dense: bool = None
 

@@ -204,21 +204,12 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     t = time.perf_counter()
     if cfg["eval"].get("tasks") or cfg["eval"].get("ppl"):
         log.info("%s: evaluating (eval=%s)", job.name, cfg["eval"].get("name"))
-    items_path = job.dir / ITEMS_FILE if cfg.get("save_items", True) else None
-    metrics = evaluate(
-        model,
-        tokenizer,
-        cfg["eval"],
-        device,
-        on_lm_eval=lambda out: keep_lm_eval(out, job, tracker),
-        items_path=items_path,
-    )
-    lm_eval_results = metrics.pop("lm_eval", None)
+    items = job.dir / ITEMS_FILE if cfg.get("save_items", True) else None  # per-item records, gradmap/eval/items.py
+    metrics = evaluate(model, tokenizer, cfg["eval"], device, lambda out: keep_lm_eval(out, job, tracker), items)
+    lm_eval = {"lm_eval": metrics.pop("lm_eval")} if "lm_eval" in metrics else {}  # versions, configs, n-shot
     phases["eval_s"] = time.perf_counter() - t
 
-    out = record(cfg, job, result, metrics, phases, status="ok", speed=speed)  # record
-    if lm_eval_results is not None:
-        out["lm_eval"] = lm_eval_results  # task versions, configs, n-shot, higher_is_better
+    out = record(cfg, job, result, metrics, phases, status="ok", speed=speed) | lm_eval  # record
     if cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model"):
         folder = save_pruned_model(model, tokenizer, model_folder(cfg, job.dir), out, cfg)
         out["saved_model"] = str(folder)
@@ -313,6 +304,8 @@ def record(
                 "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "params_before": result.params_before,
                 "params_after": result.params_after,
+                "removed_units": result.removed_units,  # branches: 2 per removed layer + 1 per partial layer
+                "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "timing": {  # per-phase peaks stay out; repeats (timing.repeats > 1) come with every run's time
                     k: v
                     for k, v in result.timings.items()
