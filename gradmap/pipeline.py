@@ -304,8 +304,6 @@ def record(
                 "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "params_before": result.params_before,
                 "params_after": result.params_after,
-                "removed_units": result.removed_units,  # branches: 2 per removed layer + 1 per partial layer
-                "partial_layers": {str(k): v for k, v in result.partial_layers.items()},
                 "timing": {  # per-phase peaks stay out; repeats (timing.repeats > 1) come with every run's time
                     k: v
                     for k, v in result.timings.items()
