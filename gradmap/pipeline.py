@@ -41,6 +41,7 @@ from gradmap.results import (
     stable_hash,
     versions,
 )
+from gradmap.splits import dev_fields, dev_split
 from gradmap.sweep import reuse_dense
 from gradmap.tracking import Tracker, artifact_name, make_tracker, resolve_mode
 
@@ -139,7 +140,7 @@ def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
     )
 
 
-def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) -> PruneResult:
+def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any], dev_ids=None) -> PruneResult:
     """Map the Hydra config onto ``prune()``: the same API a notebook user calls."""
     p = cfg["prune"]
     acting = effective_prune(p) if cfg["method"]["name"] != "none" else p
@@ -159,6 +160,7 @@ def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any]) ->
         repair=cfg["repair"].get("name"),
         repair_options=dict(cfg["repair"].get("options") or {}),
         repeats=int((cfg.get("timing") or {}).get("repeats", 1)),
+        dev_ids=dev_ids,
         **selector_options,
     )
 
@@ -186,11 +188,12 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
             f"calib.seq_len={calib_ids.shape[1]} exceeds the model's max_position_embeddings="
             f"{max_len}; allowed: 2..{max_len}"
         )
+    dev = dev_split(cfg["calib"], tokenizer)  # held-out dev windows (None without calib.dev)
     phases["calib_s"] = time.perf_counter() - t
 
     if cfg["method"]["name"] != "none":
         log.info("%s: selecting and repairing (method=%s)", job.name, cfg["method"]["name"])
-    result = prune_from_config(model, calib_ids, cfg)  # select + repair
+    result = prune_from_config(model, calib_ids, cfg, None if dev is None else dev[0])  # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
     inject_fault(job.name, model)  # tests only
     check_forward_finite(model, calib_ids[:1])
@@ -210,6 +213,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     phases["eval_s"] = time.perf_counter() - t
 
     out = record(cfg, job, result, metrics, phases, status="ok", speed=speed) | lm_eval  # record
+    out.update(dev_fields(model, dev))  # dev NLL of the final model (untimed)
     if cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model"):
         folder = save_pruned_model(model, tokenizer, model_folder(cfg, job.dir), out, cfg)
         out["saved_model"] = str(folder)

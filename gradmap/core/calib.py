@@ -20,6 +20,12 @@ class CalibrationError(ValueError):
     """Calibration text missing or too short for the requested windows."""
 
 
+def window_starts(n_tokens: int, n_samples: int, body: int, seed: int) -> list[int]:
+    """The seeded random offsets ``sample_windows`` cuts at (also used to keep dev windows clear of them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_tokens - body, (n_samples,), generator=generator).tolist()
+
+
 def sample_windows(
     token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int, bos_id: int | None = None
 ) -> torch.Tensor:
@@ -38,9 +44,8 @@ def sample_windows(
             f"calibration text has {token_ids.numel()}; allowed: n_samples <= {token_ids.numel() // body} "
             "at this seq_len (more would sample the same text many times over)"
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, token_ids.numel() - body, (n_samples,), generator=generator)
-    windows = torch.stack([token_ids[s : s + body] for s in starts.tolist()])
+    starts = window_starts(token_ids.numel(), n_samples, body, seed)
+    windows = torch.stack([token_ids[s : s + body] for s in starts])
     if bos_id is not None:
         windows = torch.cat([torch.full((n_samples, 1), bos_id, dtype=windows.dtype), windows], dim=1)
     return windows.long()
@@ -106,3 +111,29 @@ def microbatches(calib_ids: torch.Tensor, micro_batch_size: int) -> list[torch.T
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     return list(torch.split(calib_ids, micro_batch_size))
+
+
+def dev_windows(
+    token_ids: torch.Tensor, n_samples: int, seq_len: int, exclude: list[tuple[int, int]] = ()
+) -> tuple[torch.Tensor, list[int]]:
+    """Held-out dev windows: consecutive, non-overlapping ``seq_len`` tiles of the stream that overlap none of the
+    ``exclude`` spans (start, length) of the calibration windows, ``n_samples`` of them evenly spaced over the
+    stream (deterministic: dev never depends on a seed). Returns (windows, their starts).
+
+    Dev is where every default of a repair is chosen, so it must share no token with the fitted calibration rows
+    (docs/protocol.md §Splits).
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"calib.dev needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")
+    tiles = [
+        s
+        for s in range(0, token_ids.numel() - seq_len + 1, seq_len)
+        if all(s + seq_len <= a or a + n <= s for a, n in exclude)
+    ]
+    if len(tiles) < n_samples:
+        raise CalibrationError(
+            f"calib.dev: only {len(tiles)} windows of {seq_len} tokens are clear of the calibration windows, "
+            f"{n_samples} requested; lower calib.dev.n_samples or calib.dev.seq_len"
+        )
+    picks = [tiles[(k * len(tiles)) // n_samples] for k in range(n_samples)]
+    return torch.stack([token_ids[s : s + seq_len] for s in picks]).long(), picks

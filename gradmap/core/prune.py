@@ -117,6 +117,7 @@ def prune(
     warm_up: bool | None = None,
     diagnostics: bool = True,
     repeats: int = 1,
+    dev_ids: torch.Tensor | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` and return a :class:`PruneResult`.
@@ -130,6 +131,8 @@ def prune(
     ``model`` itself and gives the result. ``timings`` then holds every repeat's seconds (``*_repeats``, in run
     order), ``prune_s_min``/``prune_s_median`` and whether every repeat removed the same layers; ``prune_s`` stays
     the last run's time. Why: one timing cannot tell a method's cost from a noisy machine.
+    ``micro_batch_size`` is shared by both. ``method="none"`` returns the dense model untouched. ``dev_ids``
+    (held-out windows, never the calibration ones) go to repairs that choose or check on dev (``projection``).
     """
     preset = METHODS.get(method)
     repair_name = repair or preset.repair
@@ -139,6 +142,8 @@ def prune(
     shared = {k: options[k] for k in ("micro_batch_size",) if k in options}
     repair_cls = REPAIRS.get(repair_name)
     repair_obj = repair_cls.from_options(**{**preset.repair_options, **shared, **(repair_options or {})})
+    if dev_ids is not None and hasattr(repair_obj, "dev_ids"):
+        repair_obj.dev_ids = dev_ids
 
     if preset.selector is None:
         if repair_name != "none":

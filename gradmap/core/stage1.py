@@ -24,6 +24,7 @@ post-accumulate-grad path.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,10 +53,20 @@ from gradmap.core.grads import (
 )
 from gradmap.core.layers import active_layers, decoder_layers
 
+ACTIVATION_TARGETS = ("layer_output", "layer_gate", "layer_gate_signed", "layer_gate_tok")
+
 
 class _ActivationGradScorer:
-    """Scores from gradients w.r.t. layer outputs: ``layer_output`` (mean ‖∂L/∂h_out‖₂ over tokens) or
-    ``layer_gate`` (|Σ⟨∂L/∂h_out, h_out − h_in⟩|, the first-order effect of removing the layer's branch)."""
+    """Scores from gradients w.r.t. layer outputs, with g_t = ∂L/∂h_out at token t and f_t = h_out − h_in (the
+    layer's own branch output, so removing the layer changes its output by −f_t):
+
+    - ``layer_output``: mean_t ‖g_t‖₂ (encodes depth, not removal cost; kept as a documented reading);
+    - ``layer_gate``: |Σ_t ⟨g_t, f_t⟩| (signed terms cancel across tokens; can pick layer 0);
+    - ``layer_gate_signed``: −Σ_t ⟨g_t, f_t⟩, the first-order loss change of removing the layer;
+    - ``layer_gate_tok``: Σ_t |⟨g_t, f_t⟩|, the per-token removal estimate (abs before the sum over tokens).
+
+    Only activations carry gradients here: no weight requires grad, so no weight gradient is computed or stored.
+    """
 
     def __init__(self, layers: dict[int, nn.Module], target: str) -> None:
         self.target = target
@@ -65,17 +76,20 @@ class _ActivationGradScorer:
             layer.register_forward_hook(self._make_hook(idx), with_kwargs=True) for idx, layer in layers.items()
         ]
 
+    def _reduce(self, grad: torch.Tensor, branch: torch.Tensor | None) -> torch.Tensor:
+        if self.target == "layer_output":
+            return torch.linalg.vector_norm(grad.float(), 2, dim=-1).sum()
+        per_token = (grad.float() * branch.float()).sum(dim=-1)
+        return per_token.abs().sum() if self.target == "layer_gate_tok" else per_token.sum()
+
     def _make_hook(self, idx: int):
         def forward_hook(module, args, kwargs, output):
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
-            branch = (h_out - h_in).detach() if self.target == "layer_gate" else None
+            branch = (h_out - h_in).detach() if self.target != "layer_output" else None
 
             def grad_hook(grad: torch.Tensor) -> None:
-                if self.target == "layer_output":
-                    value = torch.linalg.vector_norm(grad.float(), 2, dim=-1).sum()
-                else:
-                    value = (grad.float() * branch.float()).sum()
+                value = self._reduce(grad, branch)
                 self.sums[idx] = self.sums[idx] + value if idx in self.sums else value
 
             if h_out.requires_grad:
@@ -86,6 +100,8 @@ class _ActivationGradScorer:
     def scores(self) -> dict[int, float]:
         if self.target == "layer_output":
             return {idx: float(v) / max(self.tokens, 1) for idx, v in self.sums.items()}
+        if self.target == "layer_gate_signed":
+            return {idx: -float(v) for idx, v in self.sums.items()}
         return {idx: abs(float(v)) for idx, v in self.sums.items()}
 
     def close(self) -> None:
@@ -98,7 +114,7 @@ class GradMAPSelector(Selector):
     """Iterative gradient-magnitude selector (GradMAP stage 1). Options mirror METHODS.md §7."""
 
     name: ClassVar[str] = "gradmap"
-    grad_target: str = "weights"  # weights | layer_output | layer_gate
+    grad_target: str = "weights"  # weights | layer_output | layer_gate | layer_gate_signed | layer_gate_tok
     grad_norm: str = "l1"  # l1 | l2
     grad_reduce: str = "mean"  # mean | sum
     include_norms: bool = False
@@ -111,7 +127,7 @@ class GradMAPSelector(Selector):
     wgrad_accum: str = "auto"  # auto | fused | hook: how the batch sum of several micro-batches is accumulated
 
     def __post_init__(self) -> None:
-        self.check_choice("grad_target", ["weights", "layer_output", "layer_gate"])
+        self.check_choice("grad_target", ["weights", *ACTIVATION_TARGETS])
         self.check_choice("grad_norm", ["l1", "l2"])
         self.check_choice("grad_reduce", ["mean", "sum"])
         self.check_choice("grad_aggregate", ["batch", "microbatch_abs"])
@@ -126,6 +142,12 @@ class GradMAPSelector(Selector):
             raise ValueError(
                 "selector 'gradmap': wgrad_accum=fused needs grad_target=weights, "
                 "grad_aggregate=batch and include_norms=false"
+            )
+        if self.grad_target == "layer_gate" and self.protect_first < 1:
+            warnings.warn(
+                "selector 'gradmap': grad_target=layer_gate sums signed terms that cancel across tokens and tends "
+                "to pick layer 0; set protect_first >= 1 or use grad_target=layer_gate_tok",
+                stacklevel=2,
             )
 
     def uses_fused(self, n_microbatches: int) -> bool:
@@ -272,3 +294,21 @@ class GradMAPSelector(Selector):
 SELECTORS.add("gradmap", GradMAPSelector)
 register_method("gradmap", "gradmap", "projection", "GradMAP: gradient-magnitude selection + projection compensation.")
 register_method("gradmap_s1", "gradmap", "none", "GradMAP stage 1 only (no compensation).")
+# The best-supported readings (docs/gradmap.md): the per-token removal estimate Σ_t |⟨∂L/∂h_out, f_t⟩| from one
+# backward, iterative or one-shot, with the projection's λ chosen on dev windows (refused if it hurts dev NLL).
+register_method(
+    "gradmap_tok",
+    "gradmap",
+    "projection",
+    "GradMAP, per-token removal-estimate reading: iterative layer_gate_tok + projection (λ chosen on dev).",
+    selector_options={"grad_target": "layer_gate_tok"},
+    repair_options={"lambda_rel": "auto"},
+)
+register_method(
+    "gradmap_tok_oneshot",
+    "gradmap",
+    "projection",
+    "GradMAP, per-token removal-estimate reading, one backward: one-shot layer_gate_tok + projection (λ on dev).",
+    selector_options={"grad_target": "layer_gate_tok", "one_shot": True},
+    repair_options={"lambda_rel": "auto"},
+)

@@ -13,7 +13,8 @@ and OLMo 2 do, is refused). In one step, closed form:
 
     B = (XᵀX + λI)⁻¹ (XᵀY + λI),   λ = lambda_rel · tr(XᵀX)/d,   P = Bᵀ,   W_down ← P · W_down
 
-so the pruned model keeps its architecture and parameter count (METHODS.md §3). ``lambda_rel=0`` with
+so the pruned model keeps its architecture and parameter count (docs/protocol.md §3). ``form=mean_rank1`` uses the
+mean-only P; with dev windows P is chosen or refused on dev NLL (gradmap/core/projection.py). ``lambda_rel=0`` with
 ``site=last_before_cut`` is ReplaceMe's least-squares transform (repair ``linear``).
 
 Cost. Both passes run the pruned model *in lockstep* with one dense forward (:func:`_lockstep`): each surviving
@@ -27,7 +28,6 @@ pass starts there and stops at the reference layer nxt(ℓ†)−1. The solve is
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,53 +38,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradmap.core.adapters import MergeTarget, adapter, merge_diagonal, merge_output_transform, mlp_merge_target
+from gradmap.core.adapters import MergeTarget, adapter, mlp_merge_target
 from gradmap.core.calib import microbatches
 from gradmap.core.capture import StopForward, first_tensor, forward_quietly
 from gradmap.core.components import REPAIRS, Repair, calibration_nll, model_device
 from gradmap.core.layers import active_layers, decoder_layers
+from gradmap.core.projection import (
+    LAMBDA_GRID,
+    candidate_matrices,
+    condition_number,
+    merge_checked,
+    solve_projection,
+)
+
+__all__ = ["LinearRepair", "ProjectionRepair", "next_survivor_map", "solve_projection"]
 
 
 def next_survivor_map(n_layers: int, removed: Sequence[int]) -> dict[int, int]:
     """nxt(j) for every survivor j: the next surviving layer, or ``n_layers`` after the last one."""
     alive = [i for i in range(n_layers) if i not in set(removed)]
     return {j: (alive[k + 1] if k + 1 < len(alive) else n_layers) for k, j in enumerate(alive)}
-
-
-def condition_number(lhs: torch.Tensor) -> float:
-    """cond(XᵀX + λI) of a symmetric matrix from its eigenvalues (a d×d eigensolve: a diagnostic, not the fit)."""
-    eigs = torch.linalg.eigvalsh(lhs)
-    return float(eigs[-1] / eigs[0]) if float(eigs[0]) > 0 else math.inf
-
-
-def solve_projection(
-    xtx: torch.Tensor, xty: torch.Tensor, lambda_rel: float, reg_target: str = "identity", with_cond: bool = True
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Closed-form ridge fit of B in min ‖XB − Y‖² + λ‖B − B₀‖² (B₀ = I or 0); returns P = Bᵀ and diagnostics.
-
-    Solved by Cholesky in float64. With λ = 0 and a singular XᵀX the Cholesky step fails and the
-    minimum-norm least-squares solution is used instead; ``solver`` in the diagnostics says which one ran.
-    ``with_cond=False`` skips the condition number (an eigensolve as costly as the fit itself); the repair
-    computes it in its untimed diagnostics instead.
-    """
-    d = xtx.shape[0]
-    xtx, xty = xtx.double(), xty.double()
-    lam = lambda_rel * float(torch.trace(xtx)) / d
-    eye = torch.eye(d, dtype=torch.float64, device=xtx.device)
-    lhs = xtx + lam * eye
-    rhs = xty + lam * eye if reg_target == "identity" else xty
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) == 0:
-        b = torch.cholesky_solve(rhs, chol)
-        solver = "cholesky"
-    else:
-        b = torch.linalg.lstsq(lhs.cpu(), rhs.cpu(), driver="gelsd").solution.to(lhs.device)
-        solver = "lstsq_min_norm"
-    p = b.T.contiguous()
-    info: dict[str, Any] = {"lambda": lam, "p_minus_i_fro": float(torch.linalg.matrix_norm(p - eye)), "solver": solver}
-    if with_cond:
-        info["cond"] = condition_number(lhs)
-    return p, info
 
 
 def merge_target(model: nn.Module, site: int, probe_ids: torch.Tensor, who: str) -> MergeTarget:
@@ -176,9 +149,13 @@ class ProjectionRepair(Repair):
     shift_ref: str = "next_input"  # next_input | same_layer
     shift_stat: str = "relative"  # relative | absolute | rms
     skip_first_tokens: int = 0
-    lambda_rel: float = 1e-2
+    form: str = "full"  # full (ridge-fitted d×d P) | mean_rank1 (P μ_X = μ_Y, identity elsewhere)
+    lambda_rel: float | str = 1.0  # λ = lambda_rel · tr(XᵀX)/d, or "auto": the grid value with the lowest dev NLL
+    lambda_grid: tuple[float, ...] = LAMBDA_GRID
     reg_target: str = "identity"  # identity | zero
+    refuse_worse: bool = True  # keep P = I when the fitted P raises dev NLL (needs dev windows)
     merge: str = "down_proj"  # down_proj (only: merged into the MLP branch's last linear, whatever its name)
+    dev_ids: torch.Tensor | None = field(default=None, init=False, repr=False)  # set by prune(dev_ids=...)
     _original_down: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,8 +164,15 @@ class ProjectionRepair(Repair):
         self.check_choice("shift_stat", ["relative", "absolute", "rms"])
         self.check_choice("reg_target", ["identity", "zero"])
         self.check_choice("merge", ["down_proj"])
-        if self.lambda_rel < 0:
-            raise ValueError(f"repair 'projection': lambda_rel must be >= 0, got {self.lambda_rel}")
+        self.check_choice("form", ["full", "mean_rank1"])
+        if isinstance(self.lambda_rel, str):
+            if self.lambda_rel != "auto":
+                raise ValueError(f"repair {self.name!r}: lambda_rel={self.lambda_rel!r}; allowed: a number >= 0, auto")
+        elif self.lambda_rel < 0:
+            raise ValueError(f"repair {self.name!r}: lambda_rel must be >= 0 or auto, got {self.lambda_rel}")
+        self.lambda_grid = tuple(float(v) for v in self.lambda_grid)
+        if not self.lambda_grid or min(self.lambda_grid) < 0:
+            raise ValueError(f"repair {self.name!r}: lambda_grid={list(self.lambda_grid)} must be non-empty, >= 0")
 
     # -- pass 1: where does the pruned model drift most? ------------------------------------------------------
     def _token_sum(self, h: torch.Tensor) -> torch.Tensor:
@@ -266,7 +250,7 @@ class ProjectionRepair(Repair):
         cache_from: int = 0,
         gain: float = 1.0,
         target: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Accumulate XᵀX and XᵀY (fp64) over the calibration set in one lockstep pass, stopped at the reference.
 
         The dense model runs up to layer ``ref = nxt(site) − 1`` and the pruned one up to the site; with a
@@ -285,6 +269,8 @@ class ProjectionRepair(Repair):
         xtx = torch.zeros(d, d, dtype=torch.float64, device=device)
         xty = torch.zeros(d, d, dtype=torch.float64, device=device)
         yty = xtx.new_zeros(())
+        sum_x = xtx.new_zeros(d)
+        sum_y = xtx.new_zeros(d)
         sq_err_identity = xtx.new_zeros(())
         rows = 0
         skip = self.skip_first_tokens
@@ -328,12 +314,24 @@ class ProjectionRepair(Repair):
                     xtx.addmm_(x.T, x)
                     xty.addmm_(x.T, y)
                     yty += (y * y).sum()
+                    sum_x += x.sum(0)
+                    sum_y += y.sum(0)
                     sq_err_identity += ((x - y) ** 2).sum()
                     rows += x.shape[0]
         finally:
             for handle in handles:
                 handle.remove()
-        return xtx, xty, {"rows": rows, "yty": float(yty), "mse_before": float(sq_err_identity) / (rows * d)}
+        return (
+            xtx,
+            xty,
+            {
+                "rows": rows,
+                "yty": float(yty),
+                "mse_before": float(sq_err_identity) / (rows * d),
+                "mu_x": sum_x / rows,
+                "mu_y": sum_y / rows,
+            },
+        )
 
     def layer_forwards(self, n_layers: int, removed: Sequence[int], site: int, cache_from: int) -> dict[str, int]:
         """Decoder-layer forwards per micro-batch of each pass (dense + pruned), the unit of its cost.
@@ -372,29 +370,31 @@ class ProjectionRepair(Repair):
             clock.append(time.perf_counter())
             del cache
             bar.update(1)
-        if target.form == "diagonal":
-            p, solve_info = solve_diagonal(xtx, xty, self.lambda_rel, self.reg_target)
-        else:
-            p, solve_info = solve_projection(xtx, xty, self.lambda_rel, self.reg_target, with_cond=False)
-        b = p.T
         d = xtx.shape[0]
-        resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
         down = target.module
-        self._original_down = {
-            "module": down,
-            "weight": down.weight.detach().clone(),
-            "xtx": xtx,
-            "lambda": solve_info["lambda"],
-        }
+        if target.form == "diagonal" and self.form == "mean_rank1":
+            raise ValueError(f"repair {self.name!r}: form=mean_rank1 cannot merge into a post-MLP norm; use form=full")
         if target.form == "diagonal":
-            merge_diagonal(target, torch.diagonal(p))
+            grid = self.lambda_grid if self.lambda_rel == "auto" else (float(self.lambda_rel),)
+            fits = {repr(float(lam)): solve_diagonal(xtx, xty, lam, self.reg_target) for lam in grid}
+            candidates, infos = {k: v[0] for k, v in fits.items()}, {k: v[1] for k, v in fits.items()}
         else:
-            merge_output_transform(down, p)
+            candidates, infos = candidate_matrices(self, xtx, xty, stats)
+        self._original_down = {"module": down, "weight": down.weight.detach().clone(), "xtx": xtx, "lambda": None}
+        chosen, check = merge_checked(self, model, target, removed, candidates)
+        clock.append(time.perf_counter())
+        solve_info = infos.get(chosen, {"lambda": None, "p_minus_i_fro": 0.0, "solver": "none (refused)"})
+        self._original_down["lambda"] = solve_info.get("lambda")
+        b = candidates[chosen].T if chosen in candidates else torch.eye(d, dtype=torch.float64, device=xtx.device)
+        resid = stats["yty"] - 2 * float((b * xty).sum()) + float((b * (xtx @ b)).sum())
         return {
             "pass_s": {"shift": clock[1] - clock[0], "fit": clock[2] - clock[1]},
+            "dev_check_s": clock[3] - clock[2],
             "layer_forwards": self.layer_forwards(len(layers), removed, site, cache_from),
             "site": site,
             "shifts": shifts,
+            "form": self.form,
+            "lambda_rel_used": None if chosen in ("none", "mean_rank1") else float(chosen),
             "mse_before": stats["mse_before"],
             "mse_after": resid / (stats["rows"] * d),
             "fit_rows": stats["rows"],
@@ -402,11 +402,16 @@ class ProjectionRepair(Repair):
             "merge_form": target.form,  # full: P·W_down; diagonal: diag(s) merged into the post-MLP norm
             "merged_into": type(down).__name__,
             **solve_info,
+            **check,
         }
 
     def diagnostics(self, model: nn.Module, calib_ids: torch.Tensor) -> dict[str, Any]:
-        """Calibration NLL with and without the merged matrix (outside the timed span); flags a rise."""
-        if not self._original_down:
+        """In-sample calibration NLL with and without the merged matrix (outside the timed span).
+
+        This is *not* the health check: in-sample NLL falls whenever the fit overfits. ``nll_rose`` is the dev-NLL
+        comparison made in ``apply`` (null when no dev windows were given).
+        """
+        if not self._original_down or (self._original_down["lambda"] is None and self.form == "full"):  # refused
             return {}
         down = self._original_down["module"]
         after = calibration_nll(model, calib_ids, self.micro_batch_size)
@@ -416,14 +421,11 @@ class ProjectionRepair(Repair):
             before = calibration_nll(model, calib_ids, self.micro_batch_size)
             down.weight.copy_(merged)
         xtx, lam = self._original_down["xtx"], self._original_down["lambda"]
-        cond = condition_number(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device))
+        out: dict[str, Any] = {"calib_nll_uncompensated": before, "calib_nll_compensated": after}
+        if lam is not None:
+            out["cond"] = condition_number(xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device))
         self._original_down = {}
-        return {
-            "calib_nll_uncompensated": before,
-            "calib_nll_compensated": after,
-            "nll_rose": after > before,
-            "cond": cond,
-        }
+        return out
 
 
 REPAIRS.add("projection", ProjectionRepair)
@@ -435,7 +437,8 @@ class LinearRepair(ProjectionRepair):
 
     name: ClassVar[str] = "linear"
     site: str = "last_before_cut"
-    lambda_rel: float = 0.0
+    lambda_rel: float | str = 0.0
+    refuse_worse: bool = False  # ReplaceMe merges its fit unconditionally; the dev NLLs are still recorded
 
 
 REPAIRS.add("linear", LinearRepair)

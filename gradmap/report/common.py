@@ -17,6 +17,8 @@ METHOD_ORDER = (
     "none",
     "gradmap",
     "gradmap_s1",
+    "gradmap_tok",
+    "gradmap_tok_oneshot",
     "shortgpt",
     "angular",
     "taylor",

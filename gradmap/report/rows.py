@@ -16,9 +16,12 @@ from gradmap.sweep import scan
 
 
 def variant_of(record: dict[str, Any]) -> str:
-    """The row label: the method, plus ``+repair`` when the sweep overrode its default repair, plus
-    `` (not merged)`` when the repair left explicit modules on the model (LinearPatch; ``repair_info.merged``)."""
+    """The row label: the run's ``label`` (conf/variant/*) if set, else the method, plus ``+repair`` when the sweep
+    overrode its default repair, plus `` (not merged)`` when the repair left explicit modules on the model
+    (LinearPatch; ``repair_info.merged``)."""
     method = str(record.get("method"))
+    if (record.get("config") or {}).get("label") and method != DENSE:
+        return str(record["config"]["label"])
     override = ((record.get("config") or {}).get("repair") or {}).get("name")
     label = method if method == DENSE or not override else f"{method}+{override}"
     return f"{label} (not merged)" if (record.get("repair_info") or {}).get("merged") is False else label
@@ -67,6 +70,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "metric_map": ";".join(f"{t}={_primary_metric(metrics, t)}" for t in tasks),
         "avg": metrics.get("avg", np.nan),
         "avg_se": avg_se,
+        "dev_nll": record.get("dev_nll", np.nan),
         "ppl": metrics.get("wikitext2_ppl", np.nan),
         "ppl_window": metrics.get("ppl_window", np.nan),
         "select_s": timing.get("select_s", np.nan),

@@ -141,6 +141,7 @@ def display_columns(main: pd.DataFrame, averaging: Averaging) -> dict[str, Colum
         "avg": Column("avg (%)", ".2f"),
         "d_avg": Column("Δavg (pts)", "+.2f"),
         "retention_pct": Column("retention (%)", ".1f"),
+        "dev_nll": Column("dev NLL", ".3f"),
         "ppl": Column(ppl_label, ".2f"),
         "ppl_x_dense": Column("PPL ×dense", ".2f"),
         "select_s": Column("select (s)", ".3g"),
@@ -155,6 +156,8 @@ def display_columns(main: pd.DataFrame, averaging: Averaging) -> dict[str, Colum
     }
     if main["eval"].nunique() <= 1:
         cols.pop("eval")
+    if not main["dev_nll"].notna().any():  # records from before calib.dev: no column of dashes
+        cols.pop("dev_nll")
     return cols
 
 
