@@ -10,7 +10,7 @@
 
 Counters: ``forward_passes``/``backward_passes`` in a selection's ``info`` count model calls (one per
 micro-batch), as GradMAP stage 1 does; ``calib_passes`` counts full passes over the calibration set D, the unit
-(C_F) of the cost formulas in METHODS.md and docs/methods.md.
+(C_F) of the cost formulas in docs/protocol.md and docs/methods.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The dev split: held-out windows of the calibration source, where repair defaults are chosen and checked.
 
-Three splits never share a token (docs/protocol.md §Splits): calibration windows (what methods fit on), dev windows
+Three splits never share a token (docs/protocol.md §6 "Splits"): calibration windows (what methods fit on), dev windows
 (``calib.dev``: tiles of the dev text clear of every calibration window when both come from the same file), and the
 test data (WikiText-2 test for perplexity, the task items). Everything chosen in this suite is chosen on dev.
 """

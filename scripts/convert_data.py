@@ -53,7 +53,7 @@ wikitext2/wiki.valid.tokens f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31
     if line
 )
 
-# Items per split in lm-eval (METHODS.md §6); a different count means a broken conversion.
+# Items per split in lm-eval (docs/protocol.md §6); a different count means a broken conversion.
 EXPECTED_ITEMS: dict[str, int] = {
     "boolq": 3270,
     "piqa": 1838,

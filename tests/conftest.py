@@ -25,7 +25,7 @@ def make_tiny(n_layers: int = 8, seed: int = 0, dtype: torch.dtype = torch.float
 
 def plant_identity(model, layer: int) -> None:
     """Zero both RMSNorm weights of ``layer``: its attention and MLP branches then output exactly 0, so the
-    layer is an identity and every one of its seven weight gradients is exactly 0 (METHODS.md §2)."""
+    layer is an identity and every one of its seven weight gradients is exactly 0 (docs/protocol.md §2)."""
     with torch.no_grad():
         model.model.layers[layer].input_layernorm.weight.zero_()
         model.model.layers[layer].post_attention_layernorm.weight.zero_()

@@ -15,9 +15,9 @@ table in miniature on SmolLM2-135M (fp32, CPU). One run times:
   one tensor, and the paper trains on far more data than it selects on);
 
 and prints one Markdown table (seconds, peak memory, ratio to GradMAP, cost in C_F, selection over its pass-count
-floor), the GradMAP targets and the mean speedup over ``--speedup-baselines`` (METHODS.md §5). ``--out`` writes the
-same as JSON with the device, versions, date and exact command. A run may cover a subset (``--methods``) and parts
-combine with ``--merge a.json b.json`` (same device and setup required), so the 7B table fits 10-minute slots.
+floor), the GradMAP targets and the mean speedup over ``--speedup-baselines`` (docs/protocol.md §5). ``--out``
+writes the same as JSON with the device, versions, date and exact command. A run may cover a subset (``--methods``)
+and parts combine with ``--merge a.json b.json`` (same device and setup required), so the 7B table fits 10-minute slots.
 
 Only torch, transformers and this project's core are imported, so it runs on a machine that has just those.
 """

@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str]) -> tuple[BenchConfig | None, argparse.Namesp
     parser.add_argument("--extrapolate-candidates", type=int)
     parser.add_argument("--streamline-train-samples", type=int)
     parser.add_argument("--streamline-batch-size", type=int)
-    parser.add_argument("--speedup-baselines", help="comma list (default: METHODS.md §5's four)")
+    parser.add_argument("--speedup-baselines", help="comma list (default: docs/protocol.md §5's four)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="merge bench JSON parts, run nothing")
     args = parser.parse_args(list(argv))

@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULT_SPEEDUP_SET = ("shortgpt", "taylor_plus", "sleb", "streamline")  # METHODS.md §5
+DEFAULT_SPEEDUP_SET = ("shortgpt", "taylor_plus", "sleb", "streamline")  # docs/protocol.md §5
 
 
 @dataclass

@@ -33,7 +33,7 @@ def forward_flops(config: Any, n_layers: int, seq_len: int) -> float:
 
 
 def stage1_floor_passes(n_layers: int, n_remove: int) -> float:
-    """Σ_{i<n} (L−i)/L: dense forward+backward passes that iterative GradMAP needs at least (METHODS.md §5)."""
+    """Σ_{i<n} (L−i)/L: dense forward+backward passes that iterative GradMAP needs at least (docs/protocol.md §5)."""
     return sum((n_layers - i) / n_layers for i in range(n_remove))
 
 

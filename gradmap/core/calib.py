@@ -121,7 +121,7 @@ def dev_windows(
     stream (deterministic: dev never depends on a seed). Returns (windows, their starts).
 
     Dev is where every default of a repair is chosen, so it must share no token with the fitted calibration rows
-    (docs/protocol.md §Splits).
+    (docs/protocol.md §6 "Splits").
     """
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"calib.dev needs n_samples >= 1 and seq_len >= 2, got {n_samples} x {seq_len}")

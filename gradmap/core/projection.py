@@ -2,7 +2,7 @@
 among candidate matrices on *dev* windows (held out from calibration), never on the data it was fitted on.
 
 Why dev: the in-sample calibration NLL always falls as the ridge λ → 0 while held-out NLL can rise by almost a nat
-(1024 rows in a 576-wide stream; docs/protocol.md §Splits), so any check or choice made on the fitted rows rewards
+(1024 rows in a 576-wide stream; docs/protocol.md §6 "Splits"), so any check or choice made on the fitted rows rewards
 overfitting. Two forms:
 
 - ``full``: B = (XᵀX + λI)⁻¹(XᵀY + λI), P = Bᵀ (ridge shrinkage toward I);

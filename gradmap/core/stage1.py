@@ -1,6 +1,6 @@
 """GradMAP stage 1: rank decoder layers by gradient magnitude, one backward pass per pruning decision.
 
-Formula (METHODS.md §2, our reconstruction of arXiv 2602.14649): with L(θ) the mean next-token cross-entropy of
+Formula (docs/protocol.md §2, our reconstruction of arXiv 2602.14649): with L(θ) the mean next-token cross-entropy of
 the *current* pruned model over the calibration set D and θ_ℓ the seven linear weights of layer ℓ,
 
     G_ℓ = Σ_{W∈θ_ℓ} Σ_ij |∂L/∂W_ij| / Σ_{W∈θ_ℓ} numel(W)        (grad_norm=l1, grad_reduce=mean)
@@ -111,7 +111,7 @@ class _ActivationGradScorer:
 
 @dataclass
 class GradMAPSelector(Selector):
-    """Iterative gradient-magnitude selector (GradMAP stage 1). Options mirror METHODS.md §7."""
+    """Iterative gradient-magnitude selector (GradMAP stage 1). Options mirror docs/protocol.md §7."""
 
     name: ClassVar[str] = "gradmap"
     grad_target: str = "weights"  # weights | layer_output | layer_gate | layer_gate_signed | layer_gate_tok

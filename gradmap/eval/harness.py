@@ -14,7 +14,7 @@ Design choices and why:
   depend only on ``subset_seed``, the task name and the task size, never on the model, so every method and run
   of a sweep is scored on exactly the same items. lm-eval's own ``limit`` (first k items) is not used: the
   first items of a split are not a fair sample (HellaSwag's first 3243 are all ActivityNet).
-* Primary metric per task follows LLM-Pruner / Shortened-LLaMA (METHODS.md §6): acc for boolq, piqa,
+* Primary metric per task follows LLM-Pruner / Shortened-LLaMA (docs/protocol.md §6): acc for boolq, piqa,
   winogrande, arc_easy; acc_norm for hellaswag, arc_challenge, openbookqa. ``avg`` is the unweighted mean of
   the primary metrics present, **×100** (paper convention), while per-task values stay fractions in [0, 1].
 """

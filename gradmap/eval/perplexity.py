@@ -1,4 +1,4 @@
-"""WikiText-2 perplexity of an in-memory causal LM (METHODS.md §6 "Perplexity").
+"""WikiText-2 perplexity of an in-memory causal LM (docs/protocol.md §6 "Perplexity").
 
 Protocol (GPTQ / SparseGPT / SLEB style, the one behind the usual "Llama-2-7B WikiText-2 PPL ≈ 5.47 at 2048"):
 the raw test split is joined with "\\n\\n" into one string, tokenised once, cut into windows of ``window``
@@ -52,7 +52,7 @@ class PerplexityResult:
 def wikitext2_rows(raw: str) -> list[str]:
     """Split the raw test file into HF ``wikitext-2-raw-v1`` rows: ``line + "\\n"``, or ``""`` if blank.
 
-    This is how HF's builder yields the file, and the "\\n\\n" join of METHODS §6 is defined over those rows.
+    This is how HF's builder yields the file, and the "\\n\\n" join of docs/protocol.md §6 is defined over those rows.
     """
     lines = raw.split("\n")
     if lines and lines[-1] == "":

@@ -15,9 +15,9 @@ Reads every ``runs/<sweep>/*/result.json`` and writes into ``runs/<sweep>/report
 * ``verdict.md`` — per model and ratio: GradMAP's measured speedups and whether it is ahead on accuracy and PPL.
 * ``README.md`` — an index that embeds the main table and names every file.
 
-Conventions (METHODS.md §5–6): pruning time t = selection + repair (GradMAP: stage 1 + stage 2); loading,
+Conventions (docs/protocol.md §5–6): pruning time t = selection + repair (GradMAP: stage 1 + stage 2); loading,
 calibration and evaluation are excluded. "GradMAP speedup vs b" = t_b / t_GradMAP (> 1: GradMAP is faster).
-The default averaging set is METHODS.md §5's assumption [shortgpt, taylor_plus, sleb, streamline] — members
+The default averaging set is docs/protocol.md §5's assumption [shortgpt, taylor_plus, sleb, streamline] — members
 missing from the sweep are named, never silently replaced; ``--speedup-baselines all`` averages over every
 baseline present (controls random/last_n and GradMAP variants excluded). avg = unweighted mean of the tasks'
 primary metrics ×100; retention = avg / dense avg. Several runs of one cell (seeds) are averaged (metrics) or

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--speedup-baselines",
         default=None,
         help=f"comma-separated methods for the mean speedup, or 'all' (every baseline present); "
-        f"default: {','.join(DEFAULT_AVERAGING)} (METHODS.md §5)",
+        f"default: {','.join(DEFAULT_AVERAGING)} (docs/protocol.md §5)",
     )
     parser.add_argument("--claim", type=float, default=CLAIM, help="the claimed mean speedup (default 4)")
     parser.add_argument("--wandb", action="store_true", help="also log tables and plots as one W&B run")

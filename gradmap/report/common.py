@@ -9,7 +9,7 @@ log = logging.getLogger("gradmap.report")
 GRADMAP = "gradmap"
 DENSE = "none"
 CONTROLS = ("random", "last_n")
-DEFAULT_AVERAGING = ("shortgpt", "taylor_plus", "sleb", "streamline")  # METHODS.md §5 (an assumption)
+DEFAULT_AVERAGING = ("shortgpt", "taylor_plus", "sleb", "streamline")  # docs/protocol.md §5 (an assumption)
 SHORT_PRUNE_S = 10.0  # below this, a pruning time says more about fixed overheads than about the method
 CLAIM = 4.0
 # Display order: GradMAP first, then the baselines roughly by cost, then controls.

@@ -88,7 +88,7 @@ def verdict(
         "",
         f"Speedup vs a method = its pruning time / GradMAP's (selection + repair; > 1 means GradMAP is "
         f"faster). The claim is read as: the arithmetic mean over [{averaging.label}] is at least {claim:g}× "
-        f"(METHODS.md §5; geometric mean and per-method ratios are shown too). Accuracy = avg of the "
+        f"(docs/protocol.md §5; geometric mean and per-method ratios are shown too). Accuracy = avg of the "
         f"zero-shot tasks (%). A difference counts only when its 95 % paired-bootstrap CI over the items both "
         f"methods scored excludes 0 (paired.csv; the number of items is given with each claim). Runs without "
         f"per-item records say '{NO_ITEMS}'; their gaps are judged by the cruder independent-samples rule "
@@ -315,7 +315,7 @@ def _verdict_cell(
             "as the passes the claim counts; judge the claim on a 7B model or with `make bench`"
         )
     if str(g["device"]).startswith("cpu"):
-        caveats.append("timings are from a CPU; the claim concerns GPUs (METHODS.md §5)")
+        caveats.append("timings are from a CPU; the claim concerns GPUs (docs/protocol.md §5)")
     items = g.get("items_per_task")
     if pd.notna(items) and items and items < 500:
         caveats.append(f"only {int(items)} items per task, so accuracy gaps of a few points are noise")

@@ -22,7 +22,7 @@ from gradmap.paths import DATA_DIR
 
 TASK_DIR = Path(__file__).resolve().parent
 
-# The 7-task zero-shot suite of METHODS.md §6, in table order.
+# The 7-task zero-shot suite of docs/protocol.md §6, in table order.
 TASK_NAMES: tuple[str, ...] = (
     "boolq",
     "piqa",
@@ -33,7 +33,7 @@ TASK_NAMES: tuple[str, ...] = (
     "openbookqa",
 )
 
-# LLM-Pruner / Shortened-LLaMA metric map (METHODS.md §6): the metric each paper table reports per task.
+# LLM-Pruner / Shortened-LLaMA metric map (docs/protocol.md §6): the metric each paper table reports per task.
 PRIMARY_METRIC: dict[str, str] = {
     "boolq": "acc",
     "piqa": "acc",
