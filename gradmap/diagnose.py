@@ -27,11 +27,12 @@ from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from baselines._common import leave_one_out_nll
+from gradmap.core.adapters import adapter, merge_output_transform
 from gradmap.core.components import METHODS, SELECTORS, calibration_nll
 from gradmap.core.layers import active_layers, decoder_layers
 from gradmap.core.projection import mean_rank1_projection
 from gradmap.core.prune import resolve_n_remove
-from gradmap.core.stage2 import ProjectionRepair, merge_into_down_proj, next_survivor_map, solve_projection
+from gradmap.core.stage2 import ProjectionRepair, next_survivor_map, solve_projection
 from gradmap.eval.perplexity import load_ppl_text, tokenize_corpus
 from gradmap.models import load_model, resolve_device
 from gradmap.paths import REPO_ROOT
@@ -116,18 +117,18 @@ def stage2_row(model, calib, dev, held, removed: list[int]) -> dict[str, Any]:
     shifts, cache = repair.shift_pass(model, batches, removed, cache_from)
     site = repair.choose_site(shifts, nxt, removed)
     xtx, xty, stats = repair.fit(model, batches, removed, site, cache, cache_from)
-    layer = decoder_layers(model)[site]
-    original = layer.mlp.down_proj.weight.detach().clone()
+    down = adapter(model).mlp_out(decoder_layers(model)[site])
+    original = down.weight.detach().clone()
     candidates = {"none": None, **{f"{lam:g}": solve_projection(xtx, xty, lam, with_cond=False)[0] for lam in LAMBDAS}}
     candidates["mean_rank1"] = mean_rank1_projection(stats["mu_x"], stats["mu_y"])[0]
     out: dict[str, Any] = {"site": site, "rows": stats["rows"], "dev": {}, "heldout": {}, "calib": {}}
     for key, p in candidates.items():
         if p is not None:
-            merge_into_down_proj(layer, p)
+            merge_output_transform(down, p)
         for split, ids in (("dev", dev), ("heldout", held), ("calib", calib)):
             out[split][key] = nll_without(model, ids, removed)
         with torch.no_grad():
-            layer.mlp.down_proj.weight.copy_(original)
+            down.weight.copy_(original)
     return out
 
 

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
+from gradmap.core.adapters import merge_output_transform
 from gradmap.core.calib import dev_windows, window_starts
 from gradmap.core.components import calibration_nll
 from gradmap.core.layers import decoder_layers, remove_layers
-from gradmap.core.projection import mean_rank1_projection, merge_into_down_proj
+from gradmap.core.projection import mean_rank1_projection
 from gradmap.core.stage1 import ACTIVATION_TARGETS, GradMAPSelector
 from gradmap.core.stage2 import ProjectionRepair
 from tests.conftest import make_calib, make_tiny
@@ -143,7 +144,7 @@ def test_mean_rank1_maps_the_input_mean_to_the_target_mean_and_merges_exactly():
     with torch.no_grad():
         explicit = model(input_ids=ids).logits
     handle.remove()
-    merge_into_down_proj(decoder_layers(model)[4], p)
+    merge_output_transform(down, p)
     with torch.no_grad():
         merged = model(input_ids=ids).logits
     torch.testing.assert_close(merged, explicit, rtol=1e-5, atol=1e-5)
