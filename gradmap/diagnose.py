@@ -59,7 +59,7 @@ SETS: dict[str, tuple[str, dict[str, Any]]] = {
     "layer_gate_tok, iterative": ("gradmap", {"grad_target": "layer_gate_tok"}),
     "layer_gate_tok, one-shot": ("gradmap", {"grad_target": "layer_gate_tok", "one_shot": True}),
     "ShortGPT": ("shortgpt", {}),
-    "PPL (0/0)": ("ppl", {}),
+    "PPL (0/0)": ("ppl", {}),  # = the n lowest of the LOO-calib truth: taken from it, not recomputed
     "SLEB": ("sleb", {}),
 }
 LAMBDAS = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0)
@@ -121,11 +121,11 @@ def stage2_row(model, calib, dev, held, removed: list[int]) -> dict[str, Any]:
     original = down.weight.detach().clone()
     candidates = {"none": None, **{f"{lam:g}": solve_projection(xtx, xty, lam, with_cond=False)[0] for lam in LAMBDAS}}
     candidates["mean_rank1"] = mean_rank1_projection(stats["mu_x"], stats["mu_y"])[0]
-    out: dict[str, Any] = {"site": site, "rows": stats["rows"], "dev": {}, "heldout": {}, "calib": {}}
+    out: dict[str, Any] = {"site": site, "rows": stats["rows"], "dev": {}, "heldout": {}}
     for key, p in candidates.items():
         if p is not None:
             merge_output_transform(down, p)
-        for split, ids in (("dev", dev), ("heldout", held), ("calib", calib)):
+        for split, ids in (("dev", dev), ("heldout", held)):
             out[split][key] = nll_without(model, ids, removed)
         with torch.no_grad():
             down.weight.copy_(original)
@@ -173,7 +173,10 @@ def run(cfg: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
         if selector == "sleb" and not own["sleb"]:
             continue
         t = time.perf_counter()
-        removed = make_selector(selector, options).select(model, calib, n_remove).removed
+        if selector == "ppl":
+            removed = sorted(lowest(loo_calib, n_remove), key=lambda i: (loo_calib[i], i))
+        else:
+            removed = make_selector(selector, options).select(model, calib, n_remove).removed
         sets[name] = {"removed": removed, "select_s": time.perf_counter() - t}
         sets[name].update({s: nll_without(model, ids, removed) for s, ids in (("calib", calib), ("dev", dev))})
         sets[name]["heldout"] = nll_without(model, held, removed)
