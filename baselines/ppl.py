@@ -58,3 +58,10 @@ register_method(
     "none",
     "PPL (Shortened LLaMA): remove the n layers whose single removal raises calibration PPL least.",
 )
+register_method(
+    "ppl_plus",
+    "ppl",
+    "none",
+    "PPL+ (the reference default): PPL block importance with the first 4 and last 2 blocks kept.",
+    selector_options={"protect_first": 4, "protect_last": 2},
+)

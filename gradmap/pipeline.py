@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gradmap.config import validate
-from gradmap.core.calib import build_calibration
+from gradmap.core.calib import build_calibration, consecutive_windows
 from gradmap.core.components import NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
@@ -127,8 +127,15 @@ def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
 
         rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
         text = "\n\n".join(rows["text"])
+    elif source == "hf_rows":  # SLEB's native sampling: shuffled rows, joined, cut into consecutive windows
+        from datasets import load_dataset  # edge dependency, online users only
+
+        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
+        rows = rows.shuffle(seed=int(calib_cfg["seed"])).select(range(int(calib_cfg["n_rows"])))
+        ids = torch.tensor(tokenizer("\n\n".join(rows["text"]), add_special_tokens=False)["input_ids"])
+        return consecutive_windows(ids, int(calib_cfg["seq_len"]), calib_cfg.get("n_samples"))
     else:
-        raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset")
+        raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset, hf_rows")
     return build_calibration(
         tokenizer,
         text,

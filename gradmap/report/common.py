@@ -24,6 +24,7 @@ METHOD_ORDER = (
     "taylor",
     "taylor_plus",
     "ppl",
+    "ppl_plus",
     "sleb",
     "streamline",
     "streamline_noheal",
