@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from gradmap.core.calib import microbatches
 from gradmap.core.capture import capture, first_tensor, forward_quietly
 from gradmap.core.components import REPAIRS, NonFiniteError, Repair, calibration_nll, model_device
 from gradmap.core.layers import decoder_layers
+
+MIN_TRAIN_WINDOWS = 64  # below this a replacement layer is fitted, not trained: say so
 
 
 def replacement_window(removed: Sequence[int], n_layers: int) -> tuple[int, int, int]:
@@ -141,6 +144,13 @@ class LayerReplaceRepair(Repair):
             raise ValueError(
                 f"repair 'layer_replace': train_samples={used} but the calibration set has {rows} "
                 "windows; lower it or raise calib.n_samples"
+            )
+        if used < MIN_TRAIN_WINDOWS:
+            warnings.warn(
+                f"repair 'layer_replace' trains on {used} calibration window(s), the same windows the selector "
+                f"scored (fewer than {MIN_TRAIN_WINDOWS}); LLM-Streamline trains on 30k-100k SlimPajama windows, "
+                "so this accuracy and time are not LLM-Streamline's (docs/protocol.md §4)",
+                stacklevel=2,
             )
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(self.seed))[:used]
         n_val = max(1, round(self.val_fraction * used)) if self.val_fraction > 0 else 0
