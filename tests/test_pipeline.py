@@ -59,6 +59,12 @@ def test_result_json_has_the_documented_keys(gradmap_record):
         assert key in rec["versions"]
     on_disk = json.loads(next(Path(rec["config"]["runs_dir"]).rglob("result.json")).read_text())
     assert on_disk["removed_layers"] == rec["removed_layers"]
+    # the dev split: disjoint tiles, the final model's dev NLL, and the projection's dev check before/after
+    assert rec["dev"]["n_samples"] == 4 and rec["dev"]["disjoint_from_calibration"].startswith("by construction")
+    info = rec["repair_info"]
+    assert rec["dev_nll"] == pytest.approx(info["dev_nll_compensated"], abs=1e-4)
+    assert info["dev_nll_compensated"] <= info["dev_nll_uncompensated"]
+    assert info["refused"] == (info["dev_choice"] == "none")
 
 
 def test_same_config_twice_gives_the_same_layers_and_metrics(tmp_path):
