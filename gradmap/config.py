@@ -6,7 +6,6 @@ wrong type are several lines that never say what is allowed, `+key=value` bypass
 the types and whose field metadata are the ranges; :func:`validate` walks the resolved config against them and
 raises :class:`ConfigError` with one line naming the key, the bad value and what is allowed. It runs first in
 ``gradmap.pipeline.execute``, so a bad override costs milliseconds, not a model load and a pruning run.
-
 Component options are checked against what each selector and repair declares (their dataclass fields and
 ``__post_init__`` checks, :mod:`gradmap.core.components`), and the shipped data files against the sha256 listed in
 ``data/SOURCES.md`` (a cut-down WikiText file would otherwise give a perplexity with status ok).
@@ -122,6 +121,7 @@ class CalibSchema:
     seq_len: int = rule(ge=2, le=1_048_576, required=True)
     seed: int = rule(ge=0, le=MAX_SEED)
     add_bos: bool = None
+    dev: dict | None = None  # held-out dev windows {path, n_samples, seq_len}: checked by gradmap.splits.dev_split
 
 
 @dataclass
@@ -167,6 +167,7 @@ class ConfigSchema:
     prune: PruneSchema = field(default=None, metadata=REQUIRED)
     speed: SpeedSchema | None = None
     timing: dict | None = None  # {repeats: int >= 1}, checked by gradmap.core.prune
+    label: str | None = None  # report row label (conf/variant/*)
     sweep: str = rule(name=True, required=True)
     runs_dir: str = rule(required=True)
     device: str = rule(required=True)

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from gradmap.config import validate
-from gradmap.core.calib import build_calibration, consecutive_windows
 from gradmap.core.components import NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
@@ -30,8 +29,7 @@ from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
 from gradmap.modelcard import model_folder, push_to_hub, save_pruned_model
-from gradmap.models import cache_root, load_model, placement_kwargs, resolve_device, resolve_dtype
-from gradmap.paths import read_text_file
+from gradmap.models import load_model, placement_kwargs, resolve_device, resolve_dtype
 from gradmap.results import (
     RESULT_FILE,
     JobClaim,
@@ -41,7 +39,7 @@ from gradmap.results import (
     stable_hash,
     versions,
 )
-from gradmap.splits import dev_fields, dev_split
+from gradmap.splits import calibration, dev_fields, dev_split
 from gradmap.sweep import reuse_dense
 from gradmap.tracking import Tracker, artifact_name, make_tracker, resolve_mode
 
@@ -115,36 +113,6 @@ def effective_prune(prune_cfg: Mapping[str, Any]) -> dict[str, Any]:
     if out.get("ratio") is None and out.get("n_remove") is None:
         out["ratio"] = prune_cfg.get("default_ratio")
     return out
-
-
-def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
-    """The calibration tensor shared by every method of a run (cached on disk by content)."""
-    source = calib_cfg["source"]
-    if source == "file":
-        text = read_text_file(calib_cfg["path"])
-    elif source == "hf_dataset":
-        from datasets import load_dataset  # edge dependency, online users only
-
-        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
-        text = "\n\n".join(rows["text"])
-    elif source == "hf_rows":  # SLEB's native sampling: shuffled rows, joined, cut into consecutive windows
-        from datasets import load_dataset  # edge dependency, online users only
-
-        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
-        rows = rows.shuffle(seed=int(calib_cfg["seed"])).select(range(int(calib_cfg["n_rows"])))
-        ids = torch.tensor(tokenizer("\n\n".join(rows["text"]), add_special_tokens=False)["input_ids"])
-        return consecutive_windows(ids, int(calib_cfg["seq_len"]), calib_cfg.get("n_samples"))
-    else:
-        raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset, hf_rows")
-    return build_calibration(
-        tokenizer,
-        text,
-        int(calib_cfg["n_samples"]),
-        int(calib_cfg["seq_len"]),
-        int(calib_cfg["seed"]),
-        bool(calib_cfg.get("add_bos", False)),
-        cache_dir=cache_root() / "calib",
-    )
 
 
 def prune_from_config(model, calib_ids: torch.Tensor, cfg: Mapping[str, Any], dev_ids=None) -> PruneResult:

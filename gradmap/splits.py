@@ -1,4 +1,5 @@
-"""The dev split: held-out windows of the calibration source, where repair defaults are chosen and checked.
+"""Calibration and the dev split from the run config. Dev = held-out windows of the calibration source, where
+repair defaults are chosen and checked.
 
 Three splits never share a token (docs/protocol.md §6 "Splits"): calibration windows (what methods fit on), dev windows
 (``calib.dev``: tiles of the dev text clear of every calibration window when both come from the same file), and the
@@ -13,9 +14,33 @@ from typing import Any
 
 import torch
 
-from gradmap.core.calib import dev_windows, window_starts
+from gradmap.core.calib import build_calibration, dev_windows, window_starts
 from gradmap.core.components import calibration_nll
+from gradmap.models import cache_root
 from gradmap.paths import REPO_ROOT, read_text_file
+
+
+def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
+    """The calibration tensor shared by every method of a run (cached on disk by content)."""
+    source = calib_cfg["source"]
+    if source == "file":
+        text = read_text_file(calib_cfg["path"])
+    elif source == "hf_dataset":
+        from datasets import load_dataset  # edge dependency, online users only
+
+        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
+        text = "\n\n".join(rows["text"])
+    else:
+        raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset")
+    return build_calibration(
+        tokenizer,
+        text,
+        int(calib_cfg["n_samples"]),
+        int(calib_cfg["seq_len"]),
+        int(calib_cfg["seed"]),
+        bool(calib_cfg.get("add_bos", False)),
+        cache_dir=cache_root() / "calib",
+    )
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -11,7 +11,7 @@ import torch
 from baselines.layer_replace import LayerReplaceRepair
 from gradmap import prune
 from gradmap.core.adapters import merge_output_transform
-from gradmap.core.calib import consecutive_windows, dev_windows, window_starts
+from gradmap.core.calib import dev_windows, window_starts
 from gradmap.core.components import calibration_nll
 from gradmap.core.layers import decoder_layers, remove_layers
 from gradmap.core.projection import mean_rank1_projection
@@ -168,14 +168,6 @@ def test_ppl_plus_keeps_the_first_four_and_last_two():
     result = prune(make_tiny(8), make_calib(2, 8), method="ppl_plus", n_remove=2)
     assert sorted(result.removed_layers) == [4, 5]
     assert result.selector_options["protect_first"] == 4 and result.selector_options["protect_last"] == 2
-
-
-def test_sleb_native_cut_is_consecutive_windows_of_the_joined_rows():
-    ids = torch.arange(10_000)
-    windows = consecutive_windows(ids, 2048)
-    assert windows.shape == (4, 2048) and int(windows[1, 0]) == 2048  # floor(10000/2048) = 4, tail dropped
-    with pytest.raises(ValueError, match="1 window"):
-        consecutive_windows(ids[:3000], 2048, n_samples=2)
 
 
 def test_layer_replace_warns_when_it_trains_on_a_handful_of_windows():

@@ -137,16 +137,3 @@ def dev_windows(
         )
     picks = [tiles[(k * len(tiles)) // n_samples] for k in range(n_samples)]
     return torch.stack([token_ids[s : s + seq_len] for s in picks]).long(), picks
-
-
-def consecutive_windows(token_ids: torch.Tensor, seq_len: int, n_samples: int | None = None) -> torch.Tensor:
-    """⌊tokens/seq_len⌋ consecutive windows (tail dropped), or the first ``n_samples`` of them: SLEB's native cut
-    of its joined calibration rows (docs/protocol.md §4)."""
-    available = token_ids.numel() // seq_len
-    if available < 1 or (n_samples is not None and n_samples > available):
-        raise CalibrationError(
-            f"calibration text has {token_ids.numel()} tokens: {available} window(s) of {seq_len}, "
-            f"{n_samples or 1} needed; sample more rows (calib.n_rows) or shorten calib.seq_len"
-        )
-    count = available if n_samples is None else n_samples
-    return token_ids[: count * seq_len].view(count, seq_len).long()

@@ -150,8 +150,8 @@ class ProjectionRepair(Repair):
     shift_stat: str = "relative"  # relative | absolute | rms
     skip_first_tokens: int = 0
     form: str = "full"  # full (ridge-fitted d×d P) | mean_rank1 (P μ_X = μ_Y, identity elsewhere)
-    lambda_rel: float | str = 1.0  # λ = lambda_rel · tr(XᵀX)/d, or "auto": the grid value with the lowest dev NLL
-    lambda_grid: tuple[float, ...] = LAMBDA_GRID
+    lambda_rel: Any = 1.0  # λ = lambda_rel · tr(XᵀX)/d (>= 0), or "auto": the grid value with the lowest dev NLL
+    lambda_grid: list = field(default_factory=lambda: list(LAMBDA_GRID))  # candidates of lambda_rel=auto
     reg_target: str = "identity"  # identity | zero
     refuse_worse: bool = True  # keep P = I when the fitted P raises dev NLL (needs dev windows)
     merge: str = "down_proj"  # down_proj (only: merged into the MLP branch's last linear, whatever its name)
@@ -170,7 +170,7 @@ class ProjectionRepair(Repair):
                 raise ValueError(f"repair {self.name!r}: lambda_rel={self.lambda_rel!r}; allowed: a number >= 0, auto")
         elif self.lambda_rel < 0:
             raise ValueError(f"repair {self.name!r}: lambda_rel must be >= 0 or auto, got {self.lambda_rel}")
-        self.lambda_grid = tuple(float(v) for v in self.lambda_grid)
+        self.lambda_grid = [float(v) for v in self.lambda_grid]
         if not self.lambda_grid or min(self.lambda_grid) < 0:
             raise ValueError(f"repair {self.name!r}: lambda_grid={list(self.lambda_grid)} must be non-empty, >= 0")
 
@@ -437,7 +437,7 @@ class LinearRepair(ProjectionRepair):
 
     name: ClassVar[str] = "linear"
     site: str = "last_before_cut"
-    lambda_rel: float | str = 0.0
+    lambda_rel: Any = 0.0
     refuse_worse: bool = False  # ReplaceMe merges its fit unconditionally; the dev NLLs are still recorded
 
 
