@@ -1,5 +1,4 @@
 """The typed config schema: every key of every group, its type and its range, checked before any model work.
-
 Why a validation pass of our own instead of Hydra structured configs bound to each YAML: Hydra's errors for a
 wrong type are several lines that never say what is allowed, `+key=value` bypasses a schema, and option blocks
 (``method.options``, ``repair.options``) differ per component. Here each group is a dataclass whose annotations are
