@@ -79,6 +79,7 @@ MAX_LAYERS = 100_000  # far above any model; a forged n_layers=10**12 must not r
 # Metric keys that describe the evaluation rather than measure it (gradmap.eval.harness): not numbers.
 TEXT_METRICS = (
     "eval_preset",
+    "items_file",
     "metric_map",
     "avg_tasks",
 )

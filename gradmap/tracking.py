@@ -49,8 +49,9 @@ def resolve_mode(mode: str | None) -> str | None:
         if mode not in MODES:
             raise ValueError(f"tracker.mode={mode!r}; allowed: null (WANDB_MODE decides), {', '.join(MODES)}")
         return mode
-    if os.environ.get("WANDB_MODE"):
-        return None
+    env = os.environ.get("WANDB_MODE")
+    if env:  # passed on explicitly: wandb's settings of an earlier run in this process must not override it
+        return env if env in MODES else None
     return None if _has_credentials() else "offline"
 
 

@@ -28,7 +28,7 @@ def test_diagnose_writes_table_json_and_figure(tmp_path):
     assert set(res["scores"]) == set(SCORES) and res["n_remove"] == 2
     for row in res["scores"].values():
         assert -1.0 <= row["vs_dev"]["rho"] <= 1.0 and 0 <= row["vs_calib"]["overlap"] <= 2
-    assert set(res["truth"]["dev"]) == set(range(8))
+    assert {int(k) for k in res["truth"]["dev"]} == set(range(8))  # JSON keys are strings
     ppl = res["sets"]["PPL (0/0)"]["removed"]
     truth = res["truth"]["calib"]
     assert max(truth[str(i)] for i in ppl) <= min(v for k, v in truth.items() if int(k) not in ppl)
