@@ -369,7 +369,7 @@ def check_components(cfg: Mapping[str, Any]) -> None:
     shared = (
         {"micro_batch_size": selector_options["micro_batch_size"]} if "micro_batch_size" in selector_options else {}
     )
-    _build(repair_cls, {**preset.repair_options, **shared, **(repair.get("options") or {})}, "repair.options")
+    _build(repair_cls, {**preset.options_for(repair_name), **shared, **(repair.get("options") or {})}, "repair.options")
 
 
 NON_NEGATIVE = {"protect_first", "protect_last", "seed", "skip_first_tokens", "eval_steps"}

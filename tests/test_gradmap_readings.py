@@ -174,3 +174,16 @@ def test_layer_replace_warns_when_it_trains_on_a_handful_of_windows():
     with pytest.warns(UserWarning, match="not LLM-Streamline's"):
         train, val = LayerReplaceRepair().split(make_calib(4, 8))
     assert train.shape[0] + val.shape[0] == 4
+
+
+@pytest.mark.parametrize("method", ["gradmap_tok", "gradmap_tok_oneshot"])
+def test_swapping_the_repair_drops_the_presets_repair_options(method):
+    """gradmap_tok's default repair carries lambda_rel=auto; under repair=none (the ablation's no-repair variant)
+    that option must not follow, or the job fails as an unknown key."""
+    from gradmap.config import check_components
+
+    cfg = {"method": {"name": method, "options": {}}, "repair": {"name": "none", "options": {}}, "prune": {}, "seed": 0}
+    check_components(cfg)
+    model = make_tiny(n_layers=4)
+    result = prune(model, make_calib(), method=method, n_remove=1, repair="none")
+    assert result.repair == "none" and len(decoder_layers(model)) == 3

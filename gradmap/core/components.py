@@ -210,6 +210,11 @@ class MethodPreset:
     repair_options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    def options_for(self, repair_name: str) -> dict[str, Any]:
+        """The preset's repair options apply to its own repair only: with ``repair=`` swapped for another one, they
+        would be unknown keys there (gradmap_tok's ``lambda_rel`` under ``repair=none``)."""
+        return dict(self.repair_options) if repair_name == self.repair else {}
+
 
 METHODS: Registry[MethodPreset] = Registry("method", _load_plugins)
 

@@ -141,7 +141,7 @@ def prune(
     params_before = parameter_count(model)
     shared = {k: options[k] for k in ("micro_batch_size",) if k in options}
     repair_cls = REPAIRS.get(repair_name)
-    repair_obj = repair_cls.from_options(**{**preset.repair_options, **shared, **(repair_options or {})})
+    repair_obj = repair_cls.from_options(**{**preset.options_for(repair_name), **shared, **(repair_options or {})})
     if dev_ids is not None and hasattr(repair_obj, "dev_ids"):
         repair_obj.dev_ids = dev_ids
 
