@@ -26,8 +26,7 @@ from gradmap import paths
 
 MAX_SEED = 2**32 - 1
 # Decoder-layer counts known without loading the model (the tiny model's comes from its config block).
-KNOWN_LAYERS = {"gguf_smollm2": 30, "smollm2_135m": 30}
-
+KNOWN_LAYERS = {"gguf_smollm2": 30, "smollm2_135m": 30, "gemma3_270m": 18}
 REQUIRED = {"required": True}
 
 
@@ -75,6 +74,7 @@ class ModelSchema:
     source: Literal["gguf", "gguf_smollm2", "tiny", "hub"] = rule(required=True)
     gguf: str | None = None
     family: str | None = None
+    bos: bool = None  # true: every window starts with BOS (Gemma breaks without it); gradmap.models.with_model_bos
     seed: int | None = rule(ge=0, le=MAX_SEED)
     config: dict | None = None
     hub_id: str | None = None

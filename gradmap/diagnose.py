@@ -34,7 +34,7 @@ from gradmap.core.projection import mean_rank1_projection
 from gradmap.core.prune import resolve_n_remove
 from gradmap.core.stage2 import ProjectionRepair, next_survivor_map, solve_projection
 from gradmap.eval.perplexity import load_ppl_text, tokenize_corpus
-from gradmap.models import load_model, resolve_device
+from gradmap.models import load_model, resolve_device, with_model_bos
 from gradmap.paths import REPO_ROOT
 from gradmap.pipeline import calibration
 from gradmap.splits import dev_split
@@ -133,6 +133,7 @@ def stage2_row(model, calib, dev, held, removed: list[int]) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    cfg = with_model_bos(cfg)
     torch.manual_seed(int(cfg["seed"]))
     device = resolve_device(cfg["device"])
     model, tokenizer = load_model(cfg["model"], device, cfg["dtype"])

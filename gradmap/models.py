@@ -7,6 +7,7 @@ loads take seconds instead of a ~40 s dequantization and ``save_model=true`` wor
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -55,6 +56,20 @@ GGUF_PACKAGES: dict[str, GgufPackage] = {
         assemble=True,
     ),
 }
+
+
+def with_model_bos(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config with ``calib.add_bos`` and ``eval.ppl.add_bos`` set to true when the model needs BOS at every
+    window start (``model.bos: true``). Why: Gemma's attention breaks on windows without BOS — dense Gemma 3 270M
+    scored WikiText-2 PPL 3318 on BOS-less 2048-token windows, 14.8 on 512 tokens after BOS — so calibration, dev
+    and perplexity windows must all start with it; the record then shows both flags true."""
+    if not cfg["model"].get("bos"):
+        return dict(cfg)
+    out = copy.deepcopy(dict(cfg))
+    out["calib"] = {**out["calib"], "add_bos": True}
+    if out["eval"].get("ppl"):
+        out["eval"] = {**out["eval"], "ppl": {**out["eval"]["ppl"], "add_bos": True}}
+    return out
 
 
 def cache_root() -> Path:

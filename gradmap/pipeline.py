@@ -29,7 +29,7 @@ from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
 from gradmap.faults import inject as inject_fault
 from gradmap.modelcard import model_folder, push_to_hub, save_pruned_model
-from gradmap.models import load_model, placement_kwargs, resolve_device, resolve_dtype
+from gradmap.models import load_model, placement_kwargs, resolve_device, resolve_dtype, with_model_bos
 from gradmap.results import (
     RESULT_FILE,
     JobClaim,
@@ -366,6 +366,7 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     try:
         validate_config(cfg)
+        cfg = with_model_bos(cfg)  # before the job id: a BOS-requiring model's windows all start with BOS
     except ValueError as err:
         message = one_line_error(err)
         log.error("invalid config, nothing run or written: %s", message)

@@ -68,10 +68,15 @@ def dev_split(calib_cfg: Mapping[str, Any], tokenizer) -> tuple[torch.Tensor, di
         starts = window_starts(ids.numel(), int(calib_cfg["n_samples"]), body, int(calib_cfg["seed"]))
         exclude = [(s, body) for s in starts]
     windows, picks = dev_windows(ids, int(dev["n_samples"]), int(dev["seq_len"]), exclude)
+    if calib_cfg.get("add_bos"):  # like the calibration windows: BOS, then the tile's first seq_len - 1 tokens
+        if tokenizer.bos_token_id is None:
+            raise ValueError("calib.add_bos is true but the tokenizer has no bos_token_id")
+        windows = torch.cat([torch.full_like(windows[:, :1], tokenizer.bos_token_id), windows[:, :-1]], dim=1)
     info = {
         "path": str(dev["path"]),
         "n_samples": int(dev["n_samples"]),
         "seq_len": int(dev["seq_len"]),
+        "add_bos": bool(calib_cfg.get("add_bos")),
         "starts": picks,
         "disjoint_from_calibration": "by construction (same file, overlapping tiles dropped)"
         if exclude

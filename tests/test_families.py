@@ -214,3 +214,14 @@ def test_post_normed_layout_without_a_known_norm_refuses_projection(monkeypatch)
     monkeypatch.setitem(adapters.LAYOUTS, "gemma2", adapters.LAYOUTS["llama"])
     with pytest.raises(ValueError, match="model type 'gemma2' the block output is not linear in the MLP output"):
         prune(build("gemma2"), ids(), "shortgpt", n_remove=1, repair="projection")
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2"])
+def test_projection_chosen_on_dev_windows_on_a_post_normed_layout(model_type):
+    """The dev check (lambda_rel=auto, refuse_worse) restores and re-merges a post-branch norm, which has no bias:
+    the path every pipeline job with calib.dev takes (it failed on Gemma 3 270M with an AttributeError)."""
+    model = build(model_type)
+    result = prune(model, ids(), "gradmap", n_remove=1, repair_options={"lambda_rel": "auto"}, dev_ids=ids(2, 12, 5))
+    assert result.repair_info["merge_form"] == "diagonal"
+    assert result.repair_info["dev_choice"] in {*result.repair_info["dev_grid"], "none"}
+    assert result.repair_info["dev_nll_compensated"] <= result.repair_info["dev_nll_uncompensated"]

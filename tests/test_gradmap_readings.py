@@ -187,3 +187,28 @@ def test_swapping_the_repair_drops_the_presets_repair_options(method):
     model = make_tiny(n_layers=4)
     result = prune(model, make_calib(), method=method, n_remove=1, repair="none")
     assert result.repair == "none" and len(decoder_layers(model)) == 3
+
+
+def test_a_bos_model_gets_bos_in_calibration_dev_and_ppl_windows(monkeypatch):
+    """model.bos: true (Gemma) turns on BOS for calibration, dev and perplexity windows, before the job id."""
+    import gradmap.splits as splits
+    from gradmap.models import with_model_bos
+
+    cfg = {"model": {"name": "m", "bos": True}, "calib": {"add_bos": False}, "eval": {"ppl": {"add_bos": False}}}
+    out = with_model_bos(cfg)
+    assert out["calib"]["add_bos"] and out["eval"]["ppl"]["add_bos"] and not cfg["calib"]["add_bos"]
+    assert with_model_bos({**cfg, "model": {"name": "m"}})["calib"]["add_bos"] is False
+
+    words = list(range(10, 74))
+
+    class Tokenizer:
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": words}
+
+    monkeypatch.setattr(splits, "read_text_file", lambda path: "text")
+    calib = {"source": "hf_dataset", "add_bos": True, "dev": {"path": "x", "n_samples": 2, "seq_len": 8}}
+    windows, info = splits.dev_split(calib, Tokenizer())
+    assert info["add_bos"] and windows.shape == (2, 8) and (windows[:, 0] == 7).all()
+    assert windows[0, 1:].tolist() == words[:7]

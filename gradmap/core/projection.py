@@ -100,7 +100,8 @@ def choose_on_dev(
     weights are left as they were and the record says so (``refused``). Returns (chosen key or "none", info).
     """
     merge = merge or (lambda p: merge_output_transform(down, p))
-    original = (down.weight.detach().clone(), None if down.bias is None else down.bias.detach().clone())
+    bias = getattr(down, "bias", None)  # a post-branch norm (Gemma's diagonal target) has none
+    original = (down.weight.detach().clone(), None if bias is None else bias.detach().clone())
 
     def restore() -> None:
         with torch.no_grad():
