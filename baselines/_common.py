@@ -38,6 +38,7 @@ from gradmap.core.components import (
     warn_if_edge,
 )
 from gradmap.core.layers import active_layers, decoder_layers
+from gradmap.core.onload import OnloadLog, layerwise_states
 
 PairStatistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,14 +60,19 @@ def stream_statistic(
     pairs: dict[int, tuple[int, int]],
     statistic: PairStatistic,
     desc: str,
-) -> tuple[dict[int, float], int]:
+    onload: torch.device | None = None,
+) -> tuple[dict[int, float], int, dict[str, Any]]:
     """Mean of ``statistic(h_a, h_b)`` over all values it returns, for each ``key: (a, b)``, over D.
 
     h_0..h_L is the pre-final-norm residual stream (``h_l`` = input of layer l, ``h_L`` = output of the last
-    layer), read with hooks in one forward per micro-batch that stops before the final norm and lm_head.
-    Sums are kept in fp64 so the mean does not depend on the micro-batch size. Returns the means and the number
-    of forward calls.
+    layer), read with hooks in one forward per micro-batch that stops before the final norm and lm_head; with
+    ``onload`` (a device) it is computed layer by layer instead (:mod:`gradmap.core.onload`), each layer's weights
+    on that device only while it runs. Sums are kept in fp64 and added per key in micro-batch order either way, so
+    the mean depends neither on the micro-batch size nor on the path. Returns the means, the number of forward
+    calls (micro-batches) and what onloading did (empty without it).
     """
+    if onload is not None:
+        return _layerwise_statistic(model, calib_ids, micro_batch_size, pairs, statistic, onload)
     batches = microbatches(calib_ids, micro_batch_size)
     device = model_device(model)
     sums: dict[int, torch.Tensor] = {}
@@ -78,7 +84,45 @@ def stream_statistic(
                 values = statistic(states[a], states[b].to(states[a].device)).double()
                 sums[key] = sums[key] + values.sum() if key in sums else values.sum()
                 counts[key] += values.numel()
-    return {key: float(sums[key]) / counts[key] for key in pairs}, len(batches)
+    return {key: float(sums[key]) / counts[key] for key in pairs}, len(batches), {}
+
+
+def _layerwise_statistic(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    micro_batch_size: int,
+    pairs: dict[int, tuple[int, int]],
+    statistic: PairStatistic,
+    device: torch.device,
+) -> tuple[dict[int, float], int, dict[str, Any]]:
+    """:func:`stream_statistic` from :func:`layerwise_states`: each key is reduced when h_b appears; an h_a needed
+    after its layer has passed (windows wider than one layer) waits on the CPU, not on the device."""
+    if any(not 0 <= a < b for a, b in pairs.values()):
+        raise ValueError(f"layerwise statistics need pairs (a, b) with 0 <= a < b, got {sorted(pairs.values())}")
+    log = OnloadLog()
+    last_use: dict[int, int] = {}
+    for a, b in pairs.values():
+        last_use[a] = max(last_use.get(a, 0), b)
+    stash: dict[int, list[torch.Tensor]] = {}
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = dict.fromkeys(pairs, 0)
+    stream = layerwise_states(model, calib_ids, micro_batch_size, device, log)
+    for index, inputs, outputs in tqdm(stream, desc="layerwise", unit="layer", leave=False):
+        if last_use.get(index, 0) > index + 1:
+            stash[index] = [h.to("cpu") for h in inputs]
+        for key, (a, b) in pairs.items():
+            if b != index + 1:
+                continue
+            before = inputs if a == index else stash[a]
+            with torch.inference_mode():
+                for h_a, h_b in zip(before, outputs):
+                    h_a = h_a.to(h_b.device)
+                    values = statistic(h_a, h_b.to(h_a.device)).double()
+                    sums[key] = sums[key] + values.sum() if key in sums else values.sum()
+                    counts[key] += values.numel()
+        for a in [a for a in stash if last_use[a] <= index + 1]:
+            del stash[a]
+    return {key: float(sums[key]) / counts[key] for key in pairs}, log.micro_batches, log.info()
 
 
 @dataclass
@@ -92,6 +136,7 @@ class WindowSelector(Selector):
 
     order: ClassVar[str] = "min"
     score_name: ClassVar[str] = ""
+    needs_whole_model: ClassVar[str | None] = None  # h_s in, h_s+span out: onload=layerwise works
 
     def span(self, n_remove: int) -> int:
         raise NotImplementedError
@@ -113,8 +158,14 @@ class WindowSelector(Selector):
                 f"selector {self.name!r}: no contiguous block of {n_remove} layers avoids the protected layers "
                 f"{sorted(protected)} in a {n_layers}-layer model"
             )
-        scores, calls = stream_statistic(
-            model, calib_ids, self.micro_batch_size, {s: (s, s + width) for s in starts}, self.statistic, self.name
+        scores, calls, onloaded = stream_statistic(
+            model,
+            calib_ids,
+            self.micro_batch_size,
+            {s: (s, s + width) for s in starts},
+            self.statistic,
+            self.name,
+            self.onload_to(model),
         )
         check_finite(scores, f"{self.name} {self.score_name} of the window starting at", model.dtype)
         best = pick_lowest({s: scores[s] for s in valid}, 1, self.order)[0]
@@ -131,6 +182,7 @@ class WindowSelector(Selector):
                 score=self.score_name,
                 scores_keyed_by="window start",
                 select=self.order,
+                **onloaded,
             ),
         )
 

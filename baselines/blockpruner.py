@@ -100,6 +100,7 @@ class BlockPrunerSelector(Selector):
     """Greedy over 2L attention/MLP units by calibration perplexity; n_remove layers' worth = 2·n_remove units."""
 
     name: ClassVar[str] = "blockpruner"
+    needs_whole_model: ClassVar[str | None] = "the calibration perplexity of the whole model with branches left out"
     prefix_cache: bool = True  # run each candidate from its own layer on cached inputs (exact, ~2x cheaper)
     max_cache_gib: float = 8.0  # refuse prefix_cache above this much cached activation memory
     search_pool: int | None = None  # null: all 2L units (reference) | k: only the k units of lowest influence

@@ -47,6 +47,7 @@ class LaCoSelector(Selector):
     """Top-down layer collapse accepted while the last hidden state stays similar to the dense model's."""
 
     name: ClassVar[str] = "laco"
+    needs_whole_model: ClassVar[str | None] = "forwards of the whole model with layers merged"
     merge_layers: int = 4  # C: layers l..l+C-1 collapse into l (paper, Llama-2-7B: 4)
     min_layer_frac: float = 0.5  # lowest position a collapse may start at, as a fraction of L (paper: 16/32)
     interval: int = 2  # I: positions to move down after an accepted collapse (paper: 2)

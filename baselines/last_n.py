@@ -23,6 +23,7 @@ class LastNSelector(Selector):
     """The n deepest unprotected layers (the last layer is protected by default)."""
 
     name: ClassVar[str] = "last_n"
+    needs_whole_model: ClassVar[str | None] = None  # runs no forward: nothing to onload
     protect_last: int = 1
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:

@@ -84,6 +84,7 @@ class MKASelector(Selector):
     """Iteratively merge the adjacent alive pair of highest NMI similarity; records the merge plan."""
 
     name: ClassVar[str] = "mka"
+    needs_whole_model: ClassVar[str | None] = "forwards of the whole model with layers merged, one merge at a time"
     max_tokens: int = 512  # calibration tokens sampled (seeded) for the embeddings: cost is O(max_tokens^2)
     dim: int = 2  # diffusion-map dimensions (reference: 2)
     sigma: float | None = None  # kernel scale; null: median pairwise distance (reference: fixed 8 on raw states)

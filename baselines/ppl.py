@@ -29,6 +29,7 @@ class PPLSelector(Selector):
     """Leave-one-layer-out calibration perplexity, one-shot."""
 
     name: ClassVar[str] = "ppl"
+    needs_whole_model: ClassVar[str | None] = "the calibration loss of the whole model with each layer left out"
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         n_layers = len(decoder_layers(model))

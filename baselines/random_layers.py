@@ -21,6 +21,7 @@ class RandomSelector(Selector):
     """n layers drawn uniformly without replacement among the unprotected ones."""
 
     name: ClassVar[str] = "random"
+    needs_whole_model: ClassVar[str | None] = None  # runs no forward: nothing to onload
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         n_layers = len(decoder_layers(model))

@@ -37,16 +37,18 @@ class ShortGPTSelector(Selector):
     """Block influence, one forward pass, the n least influential unprotected layers removed at once."""
 
     name: ClassVar[str] = "shortgpt"
+    needs_whole_model: ClassVar[str | None] = None  # h_l in, h_l+1 out: onload=layerwise works
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         n_layers = len(decoder_layers(model))
-        scores, calls = stream_statistic(
+        scores, calls, onloaded = stream_statistic(
             model,
             calib_ids,
             self.micro_batch_size,
             {layer: (layer, layer + 1) for layer in range(n_layers)},
             _one_minus_cosine,
             "shortgpt",
+            self.onload_to(model),
         )
         check_finite(scores, "ShortGPT block influence", model.dtype)
         removed = pick_lowest({i: scores[i] for i in self.candidates(range(n_layers), n_layers)}, n_remove)
@@ -54,7 +56,7 @@ class ShortGPTSelector(Selector):
         return Selection(
             removed=removed,
             scores=[scores],
-            info=info_counts(calls, calib_passes=1, score="block influence 1-cos", select="min"),
+            info=info_counts(calls, calib_passes=1, score="block influence 1-cos", select="min", **onloaded),
         )
 
 

@@ -27,6 +27,7 @@ class SLEBSelector(Selector):
     """Greedy: remove, one at a time, the block whose removal leaves the lowest calibration NLL."""
 
     name: ClassVar[str] = "sleb"
+    needs_whole_model: ClassVar[str | None] = "the calibration loss of the whole model with blocks left out"
     protect_first: int = 1  # SLEB's early_barrier
     protect_last: int = 1  # SLEB's latter_barrier
 

@@ -44,6 +44,7 @@ class TaylorSelector(Selector):
     """First-order Taylor block importance from one backward over the calibration set."""
 
     name: ClassVar[str] = "taylor"
+    needs_whole_model: ClassVar[str | None] = "gradients of the loss through the whole model (a backward pass)"
     score_accum: str = "fp32"  # fp32 | bf16 gradient buffer when there are several micro-batches
     grad_checkpointing: bool = False
 

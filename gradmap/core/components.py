@@ -88,13 +88,55 @@ class Component:
 
 @dataclass
 class Selector(Component):
-    """Base of every layer selector. Subclasses are dataclasses adding their own options."""
+    """Base of every layer selector. Subclasses are dataclasses adding their own options.
+
+    ``onload="layerwise"`` scores one decoder layer at a time, that layer's weights alone on ``onload_device``
+    (:mod:`gradmap.core.onload`), for models that do not fit it. Only selectors whose score needs nothing but each
+    layer's input and output hidden states can (``needs_whole_model = None``); the others say what they need.
+    """
 
     kind: ClassVar[str] = "selector"
+    # What the score needs all at once, for the one-line refusal of onload=layerwise; None: layer by layer works.
+    needs_whole_model: ClassVar[str | None] = "forward passes of the whole model"
     protect_first: int = 0
     protect_last: int = 0
     micro_batch_size: int = 1
     seed: int = 0
+    onload: str = "none"  # none | layerwise (forward-only selectors: one layer's weights on the device at a time)
+    onload_device: str | None = None  # where layerwise scoring computes; null: auto (gradmap.core.onload)
+
+    @classmethod
+    def from_options(cls, **options: Any):
+        """As :meth:`Component.from_options`, plus the onload check (a selector that needs the whole model refuses)."""
+        selector = super().from_options(**options)
+        selector.check_choice("onload", ["none", "layerwise"])
+        if selector.onload_device not in (None, "auto"):
+            try:
+                torch.device(selector.onload_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"selector {cls.name!r}: onload_device={selector.onload_device!r} is not a device; "
+                    "allowed: null (auto), cpu, cuda, cuda:N"
+                ) from None
+        if selector.onload != "none" and cls.needs_whole_model is not None:
+            able = [n for n in SELECTORS.names() if SELECTORS.get(n).needs_whole_model is None]
+            raise ValueError(
+                f"selector {cls.name!r} cannot use onload={selector.onload!r}: it needs {cls.needs_whole_model}; "
+                f"layer-by-layer onloading supports {', '.join(able)}"
+            )
+        return selector
+
+    def onload_to(self, model: nn.Module) -> torch.device | None:
+        """The device layerwise scoring computes on, or None when the selector runs the normal full forward."""
+        if self.onload == "none":
+            return None
+        from gradmap.core.onload import onload_device
+
+        return onload_device(model, self.onload_device)
+
+    def compute_device(self, model: nn.Module) -> torch.device:
+        """Where selection computes (timed, peak memory read): the onload device, or where input ids go."""
+        return self.onload_to(model) or model_device(model)
 
     def select(self, model: nn.Module, calib_ids: torch.Tensor, n_remove: int) -> Selection:
         raise NotImplementedError
@@ -176,13 +218,15 @@ REPAIRS.add("none", NoRepair)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the input embedding's device, or its execution device under accelerate offload."""
+    """Where input ids go: the input embedding's device, or its execution device under accelerate hooks (a
+    ``device_map``, or ``cpu_offload``, which sets no map and leaves every weight on meta)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
     if embed is None or getattr(model, "hf_device_map", None) is None:
         return next(model.parameters()).device
-    hook = getattr(embed, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    return torch.device(device) if device is not None else embed.weight.device
+    return embed.weight.device
 
 
 @torch.inference_mode()

@@ -90,8 +90,9 @@ def _select_and_repair(
     repair_cls: Any,
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """One timed pruning span (selection, then repair + surgery) on ``model``, in place: (select span, repair
-    span, selection, repair info)."""
-    device = model_device(model)
+    span, selection, repair info). Both spans are timed on the selector's compute device (the onload device when
+    it scores layer by layer)."""
+    device = selector.compute_device(model)
     with timed(device) as select_span:
         selection = selector.select(model, calib_ids, n_remove)
     check_selection(selector_name, selection, n_remove, repair_cls)
@@ -173,8 +174,14 @@ def prune(
 
     selector = SELECTORS.get(preset.selector).from_options(**{**preset.selector_options, **options})
     n_remove = resolve_n_remove(n_layers, ratio, n_remove, protected=len(selector.protected(n_layers)))
+    device = selector.compute_device(model)  # onload=layerwise: the onload device, where selection runs
     if warm_up if warm_up is not None else device.type == "cuda":
-        _warm_up(model, calib_ids)
+        if selector.onload == "layerwise":  # a full forward is what onloading avoids: embeddings + first layer
+            from gradmap.core.onload import warm_up as warm_up_layerwise
+
+            warm_up_layerwise(model, calib_ids, device)
+        else:
+            _warm_up(model, calib_ids)
 
     check_pairing(preset.selector, repair_cls)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:

@@ -114,6 +114,7 @@ class GradMAPSelector(Selector):
     """Iterative gradient-magnitude selector (GradMAP stage 1). Options mirror docs/protocol.md §7."""
 
     name: ClassVar[str] = "gradmap"
+    needs_whole_model: ClassVar[str | None] = "gradients of the loss through the whole model (backward passes)"
     grad_target: str = "weights"  # weights | layer_output | layer_gate | layer_gate_signed | layer_gate_tok
     grad_norm: str = "l1"  # l1 | l2
     grad_reduce: str = "mean"  # mean | sum
