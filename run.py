@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from gradmap.console import configure_console
 
@@ -19,17 +20,23 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gradmap.overrides import check_overrides  # noqa: E402
 
+# conf/hydra/launcher/ray.yaml shares its name with the Ray plugin's schema, which Hydra then merges it onto (as
+# intended: the schema checks our fields) while warning that this matching is deprecated. Nothing to act on.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema")
+
 log = logging.getLogger("gradmap")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from gradmap.console import final_line
+    from gradmap.devices import job_placement
     from gradmap.pipeline import Job, execute
     from gradmap.results import RESULT_FILE
 
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    record = execute(plain)
+    with job_placement(plain) as placed:  # the launcher's name; under joblib, a GPU of this job's own
+        record = execute(placed)
     if record["status"] == "ok":
         if not record.get("skipped"):  # execute() already logged the one-line skip
             log.info(final_line(record, Job.from_config(plain).dir / RESULT_FILE))

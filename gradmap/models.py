@@ -89,8 +89,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when this process sees a GPU; it never falls back to the CPU silently where the host has
+    GPUs or the launcher asked for them (gradmap/devices.py says why, in one line)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from gradmap.devices import auto_device, current_request, host_gpus
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device(auto_device(count, host_gpus(), os.environ, current_request(), torch.version.cuda))
     try:
         device = torch.device(name)
     except RuntimeError as err:

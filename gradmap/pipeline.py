@@ -24,6 +24,7 @@ from gradmap.config import validate
 from gradmap.core.components import NonFiniteError, model_device
 from gradmap.core.layers import decoder_layers
 from gradmap.core.prune import PruneResult, prune
+from gradmap.core.sharing import take_seat
 from gradmap.eval.items import ITEMS_FILE
 from gradmap.eval.lmeval_tasks import check_online_reachable, save_results_json
 from gradmap.eval.speed import measure_from_config
@@ -148,6 +149,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
 
     torch.manual_seed(int(cfg["seed"]))
     device = resolve_device(cfg["device"])
+    seat = take_seat(job.name, device)  # from now on other jobs see this one on its device (core/sharing.py)
     phases: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -168,6 +170,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
 
     if cfg["method"]["name"] != "none":
         log.info("%s: selecting and repairing (method=%s)", job.name, cfg["method"]["name"])
+    seat.begin_span()  # the timed part: pruning and inference speed
     result = prune_from_config(model, calib_ids, cfg, None if dev is None else dev[0])  # select + repair
     log.info("%s removed layers %s in %.1f s", job.name, result.removed_layers, result.timings["prune_s"])
     inject_fault(job.name, model)  # tests only
@@ -177,6 +180,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
     if (cfg.get("speed") or {}).get("enabled"):
         log.info("%s: measuring inference speed (prefill + cached decode, speed.*)", job.name)
     speed = measure_from_config(model, cfg.get("speed"))  # inference speed
+    seat.end_span()
     phases["speed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -189,6 +193,7 @@ def run_job(cfg: Mapping[str, Any], job: Job, tracker: Tracker | None = None) ->
 
     out = record(cfg, job, result, metrics, phases, status="ok", speed=speed) | lm_eval  # record
     out.update(dev_fields(model, dev))  # dev NLL of the final model (untimed)
+    out["placement"] = seat.close()  # launcher, device, and which other jobs ran on it during the timed span
     if cfg.get("save_model") or (cfg.get("tracker") or {}).get("log_model"):
         folder = save_pruned_model(model, tokenizer, model_folder(cfg, job.dir), out, cfg)
         out["saved_model"] = str(folder)

@@ -150,10 +150,26 @@ def composed(*overrides: str, hydra: bool = True):
     ("launcher", "target", "fields"),
     [
         (None, "BasicLauncher", {}),
-        ("parallel", "JoblibLauncher", {"n_jobs": 2, "backend": "loky"}),
+        ("parallel", "GpuJoblibLauncher", {"n_jobs": 2, "backend": "loky"}),
         ("joblib", "JoblibLauncher", {}),
         ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 480, "array_parallelism": 8, "partition": None}),
-        ("local", "LocalLauncher", {"timeout_min": 60}),
+        ("local", "GpuLocalLauncher", {"timeout_min": 60, "gpus_per_node": None}),
+        (
+            "ray",
+            "GpuRayLauncher",
+            {
+                "ray": {
+                    "init": {
+                        "address": None,
+                        "num_cpus": None,
+                        "num_gpus": None,
+                        "include_dashboard": False,
+                        "log_to_driver": True,
+                    },
+                    "remote": {"num_gpus": "auto", "num_cpus": 1, "max_retries": 0},
+                }
+            },
+        ),
         ("submitit_local", "LocalLauncher", {}),
     ],
 )
