@@ -150,6 +150,17 @@ def test_report_is_a_markdown_table_with_targets():
     assert f"arithmetic mean {mean:.2f}×" in text
 
 
+def test_report_flags_a_bench_timed_beside_other_jobs():
+    alone, shared = synthetic(), synthetic()
+    alone["parts"][0]["placement"] = {"same_device_jobs": [], "shared": False}
+    shared["parts"][0]["placement"] = {"same_device_jobs": ["tiny_llama-gradmap-r0.25"], "shared": True}
+    assert "Timing flag" not in format_report(alone)
+    assert (
+        "**Timing flag:** other jobs ran on this device while the bench timed (tiny_llama-gradmap-r0.25; "
+        "`placement` in the JSON): these times are not comparable; rerun with the device to itself."
+    ) in format_report(merge_results([alone, shared]))  # a merge keeps every part's placement
+
+
 def test_merge_takes_the_floor_from_the_part_with_a_backward_and_checks_setup():
     a = synthetic(rows=("gradmap",))
     b = synthetic(with_fb=False, rows=("shortgpt", "taylor_plus", "sleb", "streamline"))
@@ -169,7 +180,8 @@ def test_merge_takes_the_floor_from_the_part_with_a_backward_and_checks_setup():
 # ---- tiny end-to-end run -----------------------------------------------------------------------------------------
 
 
-def test_tiny_bench_end_to_end(tmp_path, capsys):
+def test_tiny_bench_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADMAP_SEATS_DIR", str(tmp_path / "seats"))  # this test's own registry: no other jobs
     out = tmp_path / "part.json"
     code = main(
         [
@@ -196,6 +208,9 @@ def test_tiny_bench_end_to_end(tmp_path, capsys):
     assert result["meta"]["command"].startswith("python -m gradmap.bench --preset cpu")
     assert {"device", "torch", "transformers", "date"} <= set(result["meta"])
     assert not result["errors"]
+    placement = result["meta"]["placement"]
+    assert placement == result["parts"][0]["placement"]
+    assert (placement["device_key"], placement["same_device_jobs"], placement["node_jobs"]) == ("cpu", [], 1)
     rows = {r["entry"]: r for r in result["rows"]}
     assert set(rows) == {"gradmap", "shortgpt", "sleb"}
     assert len(rows["gradmap"]["removed"]) == 1 and rows["gradmap"]["repair"] == "projection"

@@ -303,6 +303,31 @@ def test_verdict_qualifies_short_times_and_gaps_within_noise(tmp_path):
     ) in text
 
 
+def test_verdict_flags_timings_taken_on_a_shared_device(tmp_path):
+    """A method timed while another job ran on its GPU gets one flag line; records without a placement block, or
+    with other jobs on other GPUs of the node only, are not flagged."""
+    alone = {"launcher": "ray", "device_key": "gpu:GPU-1", "node_jobs": 4, "same_device_jobs": [], "shared": False}
+    shared = {**alone, "launcher": "parallel", "same_device_jobs": ["toy-sleb-n2"], "shared": True}
+    root = tmp_path / "placed"
+    for rec in (
+        record("none", 0, 0.8, 0.7, 10.0, 0.0, 0.0, removed=[]),
+        record("gradmap", 2, 0.7, 0.6, 15.0, 8.0, 2.0, removed=[5, 6], placement=alone),
+        record("shortgpt", 2, 0.6, 0.6, 20.0, 1.0, 0.0, placement=shared),
+        record("taylor_plus", 2, 0.71, 0.6, 20.0, 3.0, 0.0),  # written before placement was recorded
+    ):
+        write(root, rec)
+    text = (build(root, tmp_path / "report", plots=False).out / "verdict.md").read_text()
+    flags = [line for line in text.splitlines() if line.startswith("**Timing flag:**")]
+    assert flags == [
+        "**Timing flag:** shortgpt was timed while other jobs ran on the same device (result.json "
+        "`placement.same_device_jobs`); those times, and the speedups built on them, are not comparable: rerun "
+        "them one job per device (docs/reports.md, Launchers)."
+    ]
+    main_df = pd.read_csv(tmp_path / "report" / "main.csv")
+    assert cell(main_df, "shortgpt", 2)["shared_device"] == 1 and cell(main_df, "gradmap", 2)["shared_device"] == 0
+    assert math.isnan(cell(main_df, "taylor_plus", 2)["shared_device"])
+
+
 # ------------------------------------------------------------------------------------ paired statistics, evidence
 
 

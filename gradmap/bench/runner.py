@@ -22,6 +22,7 @@ from gradmap.bench.tables import summarize
 from gradmap.core.components import METHODS, REPAIRS
 from gradmap.core.layers import remove_layers
 from gradmap.core.prune import PruneResult, prune, resolve_n_remove
+from gradmap.core.sharing import take_seat
 from gradmap.core.timing import device_name, peak_memory_kind, timed
 
 # ---- bench entries -----------------------------------------------------------------------------------------------
@@ -376,6 +377,8 @@ def run_bench(
         },
     }
     start = time.perf_counter()
+    seat = take_seat(f"bench:{cfg.preset}", device)  # who else computes on this device while the bench times
+    seat.begin_span()
     model = fresh()
     log(
         f"[bench] {result['meta']['device']}: {n_layers} layers, d={fresh.config.hidden_size}, "
@@ -388,6 +391,7 @@ def run_bench(
     result["parts"] = [{**result["meta"], "methods": methods, "forward_s": result["floor"]["forward"]["seconds"]}]
 
     def save() -> None:
+        result["meta"]["placement"] = result["parts"][0]["placement"] = seat.observe()
         if checkpoint is not None:
             result["summary"] = summarize(result)
             checkpoint(result)
@@ -412,5 +416,7 @@ def run_bench(
             )
         result["rows"].extend(rows)
         save()
+    seat.end_span()
+    result["meta"]["placement"] = result["parts"][0]["placement"] = seat.close()
     result["summary"] = summarize(result)
     return result

@@ -276,6 +276,7 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{speed['arithmetic_mean']:.2f}×, geometric mean {speed['geometric_mean']:.2f}×; "
                 f"per baseline: {per}",
             ]
+    lines += shared_device_lines(result)
     if result.get("errors"):
         lines += ["", "failed:"] + [f"- {name}: {message}" for name, message in result["errors"].items()]
     commands = [p["command"] for p in result.get("parts", [])]
@@ -283,6 +284,19 @@ def format_report(result: dict[str, Any]) -> str:
     if meta.get("merge_command"):
         lines.append(f"merged with: `{meta['merge_command']}`")
     return "\n".join(lines)
+
+
+def shared_device_lines(result: dict[str, Any]) -> list[str]:
+    """A flag when another gradmap job ran on the bench's device while it timed (every part of a merge counts)."""
+    parts = result.get("parts") or [result["meta"]]
+    others = sorted({j for p in parts for j in (p.get("placement") or {}).get("same_device_jobs") or []})
+    if not others:
+        return []
+    return [
+        "",
+        f"**Timing flag:** other jobs ran on this device while the bench timed ({', '.join(others)}; "
+        "`placement` in the JSON): these times are not comparable; rerun with the device to itself.",
+    ]
 
 
 def _floor_text(passes: dict[str, float] | None) -> str:

@@ -98,8 +98,18 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "protocol": str((config.get("calib") or {}).get("protocol") or "matched"),
         "prune_s_repeats": _timed_spans(timing),
         "items_file": metrics.get("items_file"),
+        "shared_device": _shared_device(record),
     }
     return row
+
+
+def _shared_device(record: dict[str, Any]) -> float:
+    """Other gradmap jobs that ran on this run's device during its timed span (``placement``, gradmap/core/sharing.py);
+    NaN for records written before placement was recorded."""
+    placement = record.get("placement")
+    if not isinstance(placement, dict) or not isinstance(placement.get("same_device_jobs"), list):
+        return np.nan
+    return float(len(placement["same_device_jobs"]))
 
 
 def _nominal(config: dict[str, Any], n_remove: Any, n_layers: Any) -> float:

@@ -156,6 +156,20 @@ def _protocol_lines(protocols: pd.DataFrame, cell: pd.Series, claim: float) -> l
     return out
 
 
+def _shared_lines(rows: pd.DataFrame) -> list[str]:
+    """One flag line when a method of the cell was timed while other jobs ran on its GPU (or its CPU cores)."""
+    if "shared_device" not in rows:
+        return []
+    shared = [v for v in rows.index if rows.loc[v, "shared_device"] > 0]  # NaN (not recorded) is not > 0
+    if not shared:
+        return []
+    return [
+        f"**Timing flag:** {', '.join(shared)} {'was' if len(shared) == 1 else 'were'} timed while other jobs ran on "
+        "the same device (result.json `placement.same_device_jobs`); those times, and the speedups built on them, "
+        "are not comparable: rerun them one job per device (docs/reports.md, Launchers)."
+    ]
+
+
 def _inference_lines(rows: pd.DataFrame, g: pd.Series) -> list[str]:
     """GradMAP's pruned-model decode speedup, next to the spread over every method with the same layer count.
 
@@ -191,6 +205,7 @@ def _verdict_cell(
     )
     if cell["devices"] > 1:
         lines.append("**Warning:** these methods ran on different devices; their times are not comparable.")
+    lines += _shared_lines(rows)
     others = rows.drop(index=[GRADMAP] + [v for v in rows.index if rows.loc[v, "method"] == DENSE])
     members = set(averaging.members(rows.index))
     where = (cell["model"], cell["eval"], cell["n_remove"], GRADMAP)
