@@ -16,6 +16,10 @@ The rules here, each a pure function tested with faked device lists (tests/test_
   once than there are groups (:func:`plan_local`, :func:`schedule`).
 * ``ray``: ``num_gpus: auto`` is 1 per job when the cluster has GPUs, 0 on a CPU cluster (:func:`plan_ray`).
 
+Sharing a GPU stays possible where it is asked for by name (accuracy-only runs, whose timings do not matter):
+``hydra.launcher.jobs_per_gpu=K`` under ``parallel``, a fractional ``num_gpus`` under ``ray``. Those runs' placement
+blocks then list the jobs beside them, and the verdict flags their times.
+
 What else ran on a job's device anyway is recorded by :mod:`gradmap.core.sharing` (the ``placement`` block).
 """
 
@@ -45,6 +49,7 @@ class Request:
     launcher: str = "none"
     gpus: float | None = None
     joblib: bool = False  # the job runs in a joblib worker: it picks its own GPU (gpu_slot)
+    per_gpu: int = 1  # joblib: jobs that may share one GPU (hydra.launcher.jobs_per_gpu; > 1 only on purpose)
 
 
 _REQUEST: dict[str, Request] = {"now": Request()}
@@ -113,12 +118,17 @@ def wants_gpus(device: str, cpu_fallback: bool) -> bool:
     return device.startswith("cuda") or (device == "auto" and not cpu_fallback)
 
 
-def plan_parallel(n_jobs: int, n_tasks: int, device: str, gpus: Sequence[str], n_host: int, cores: int) -> int:
-    """Jobs the joblib launcher may run at once (1 per visible GPU); a ValueError names the fix otherwise."""
+def plan_parallel(
+    n_jobs: int, n_tasks: int, device: str, gpus: Sequence[str], n_host: int, cores: int, per_gpu: int = 1
+) -> int:
+    """Jobs the joblib launcher may run at once (``per_gpu`` per visible GPU, 1 unless sharing is asked for on
+    purpose); a ValueError names the fix otherwise."""
+    if per_gpu < 1:
+        raise ValueError(f"hydra.launcher.jobs_per_gpu={per_gpu}; allowed: a whole number >= 1")
     at_once = min(n_tasks, n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs))
     if device == "cpu" or at_once <= 1:
         return at_once
-    if re.fullmatch(r"cuda:\d+", device):
+    if re.fullmatch(r"cuda:\d+", device) and at_once > per_gpu:
         raise ValueError(
             f"hydra/launcher=parallel: device={device} puts all {at_once} concurrent jobs on one GPU; use "
             "device=auto (one GPU per job) or hydra.launcher.n_jobs=1"
@@ -130,10 +140,11 @@ def plan_parallel(n_jobs: int, n_tasks: int, device: str, gpus: Sequence[str], n
                 "unhide them, or pass device=cpu to run the jobs on the CPU"
             )
         return at_once
-    if at_once > len(gpus):
+    if at_once > len(gpus) * per_gpu and not re.fullmatch(r"cuda:\d+", device):
         raise ValueError(
-            f"hydra/launcher=parallel would run {at_once} jobs at once on {len(gpus)} visible GPU(s); one job per "
-            f"GPU: set hydra.launcher.n_jobs={len(gpus)} (or device=cpu)"
+            f"hydra/launcher=parallel would run {at_once} jobs at once on {len(gpus)} visible GPU(s) "
+            f"({per_gpu} per GPU): set hydra.launcher.n_jobs={len(gpus) * per_gpu} (or device=cpu; "
+            "hydra.launcher.jobs_per_gpu=K shares each GPU between K jobs on purpose, their timings flagged)"
         )
     return at_once
 
@@ -178,8 +189,10 @@ def plan_ray(num_gpus: Any, cluster_gpus: float, device: str) -> float:
             f"hydra/launcher=ray with num_gpus=0 on a cluster with {cluster_gpus:g} GPU(s): every job would see "
             "all of them and use the first; set hydra.launcher.ray.remote.num_gpus=auto (or 1), or device=cpu"
         )
-    if n != int(n):
-        raise ValueError(f"hydra.launcher.ray.remote.num_gpus={n:g} would share a GPU between jobs; use 1 or more")
+    if n > 1 and n != int(n):
+        raise ValueError(
+            f"hydra.launcher.ray.remote.num_gpus={n:g}; allowed: auto, a fraction below 1, or a whole number"
+        )
     if n > cluster_gpus:
         raise ValueError(
             f"hydra.launcher.ray.remote.num_gpus={n:g} but the cluster has {cluster_gpus:g} GPU(s): no job could "
@@ -217,17 +230,20 @@ def schedule(
 
 
 @contextlib.contextmanager
-def gpu_slot(gpus: Sequence[str], lock_dir: Path, poll_s: float = 2.0) -> Iterator[int]:
-    """Hold an exclusive lock on one of ``gpus`` for the job's life and yield its index (waits while all are held).
+def gpu_slot(gpus: Sequence[str], lock_dir: Path, poll_s: float = 2.0, per_gpu: int = 1) -> Iterator[int]:
+    """Hold an exclusive lock on one of ``per_gpu`` slots of one of ``gpus`` for the job's life and yield the GPU's
+    index (waits while all are held). Slots fill GPU by GPU: a second job goes to the second GPU, not beside the first.
 
     flock locks die with their process, so a killed job frees its GPU; jobs of other sweeps on this host that use
     the same launcher wait for it too.
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
+    slots = [(index, gpu, k) for k in range(per_gpu) for index, gpu in enumerate(gpus)]
     while True:
-        for index, gpu in enumerate(gpus):
-            handle = open(lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock", "a+")  # noqa: SIM115
+        for index, gpu, k in slots:
+            name = f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}" + (f"-{k}" if k else "")
+            handle = open(lock_dir / f"{name}.lock", "a+")  # noqa: SIM115
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -256,7 +272,7 @@ def request_of(hydra_cfg: Any) -> Request:
     elif "ray" in target.lower():
         gpus = ((launcher.get("ray") or {}).get("remote") or {}).get("num_gpus")
     gpus = None if gpus in (None, "auto") else float(gpus)
-    return Request(name, gpus, joblib="Joblib" in target)
+    return Request(name, gpus, joblib="Joblib" in target, per_gpu=int(launcher.get("jobs_per_gpu") or 1))
 
 
 @contextlib.contextmanager
@@ -284,6 +300,6 @@ def job_placement(cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if not gpus or not torch.cuda.is_available():
         yield cfg  # CPU jobs, or a setup that resolve_device refuses with its own line
         return
-    with gpu_slot(gpus[: torch.cuda.device_count()], registry_dir() / "locks") as index:
+    with gpu_slot(gpus[: torch.cuda.device_count()], registry_dir() / "locks", per_gpu=request.per_gpu) as index:
         torch.cuda.set_device(index)
         yield {**cfg, "device": f"cuda:{index}"}

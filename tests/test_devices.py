@@ -6,6 +6,7 @@ other jobs ran on that device during the timed span. Both are pure enough to tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_parallel_allows_one_job_per_gpu_and_refuses_more():
     assert plan_parallel(4, 10, "cpu", gpus, 2, 16) == 4  # CPU jobs on purpose
     assert plan_parallel(4, 10, "auto", [], 0, 16) == 4  # a CPU machine
     assert plan_parallel(4, 1, "auto", gpus, 2, 16) == 1  # one task never shares
-    with pytest.raises(ValueError, match=r"would run 4 jobs at once on 2 visible GPU\(s\).*n_jobs=2 \(or device=cpu\)"):
+    with pytest.raises(ValueError, match=r"would run 4 jobs at once on 2 visible GPU\(s\).*n_jobs=2 \(or device=cpu;"):
         plan_parallel(4, 10, "auto", gpus, 2, 16)
     with pytest.raises(ValueError, match=r"would run 16 jobs at once"):  # n_jobs=-1: every core
         plan_parallel(-1, 40, "cuda", gpus, 2, 16)
@@ -77,6 +78,13 @@ def test_parallel_allows_one_job_per_gpu_and_refuses_more():
         plan_parallel(2, 10, "cuda:0", gpus, 2, 16)
     with pytest.raises(ValueError, match=r"this host has 2 GPU\(s\) but CUDA_VISIBLE_DEVICES hides them all"):
         plan_parallel(2, 10, "auto", [], 2, 16)
+    # sharing on purpose (accuracy-only runs): K jobs per GPU, and no more
+    assert plan_parallel(4, 10, "cuda", ["0"], 1, 16, per_gpu=4) == 4
+    assert plan_parallel(4, 10, "cuda:0", ["0"], 1, 16, per_gpu=4) == 4
+    with pytest.raises(ValueError, match=r"would run 6 jobs at once on 1 visible GPU\(s\) \(4 per GPU\)"):
+        plan_parallel(6, 10, "cuda", ["0"], 1, 16, per_gpu=4)
+    with pytest.raises(ValueError, match=r"jobs_per_gpu=0; allowed: a whole number >= 1"):
+        plan_parallel(2, 10, "cuda", ["0"], 1, 16, per_gpu=0)
 
 
 def test_local_hands_out_gpu_groups():
@@ -99,8 +107,9 @@ def test_ray_num_gpus_auto_and_refusals():
     assert plan_ray(2, 8, "auto") == 2.0
     with pytest.raises(ValueError, match=r"num_gpus=0 on a cluster with 8 GPU\(s\): every job would see all of them"):
         plan_ray(0, 8, "auto")
-    with pytest.raises(ValueError, match=r"num_gpus=0.5 would share a GPU"):
-        plan_ray(0.5, 8, "auto")
+    assert plan_ray(0.25, 1, "auto") == 0.25  # four jobs per GPU, asked for by name
+    with pytest.raises(ValueError, match=r"num_gpus=1.5; allowed: auto, a fraction below 1, or a whole number"):
+        plan_ray(1.5, 8, "auto")
     with pytest.raises(ValueError, match=r"num_gpus=1 but the cluster has 0 GPU\(s\): no job could ever start"):
         plan_ray(1, 0, "auto")
     with pytest.raises(ValueError, match=r"allowed: auto or a whole number"):
@@ -158,6 +167,13 @@ def test_gpu_slot_gives_concurrent_jobs_different_gpus(tmp_path):
     assert third and third[0] in (0, 1)
 
 
+def test_gpu_slot_spreads_shared_slots_over_gpus(tmp_path):
+    """With 2 slots per GPU, the second job goes to the other GPU, the third shares the first."""
+    with contextlib.ExitStack() as stack:
+        got = [stack.enter_context(gpu_slot(["0", "1"], tmp_path, per_gpu=2)) for _ in range(4)]
+    assert got == [0, 1, 0, 1]
+
+
 def _take(lock_dir: Path) -> list[int]:
     with gpu_slot(["0", "1"], lock_dir, poll_s=0.05) as index:
         return [index]
@@ -177,9 +193,9 @@ def test_request_of_reads_the_launcher_config():
     }
     hydra.runtime.choices["hydra/launcher"] = "ray"
     assert request_of(hydra) == Request("ray", None, False)
-    hydra.launcher = {"_target_": "hydra_plugins.gradmap_launchers.joblib_gpu.GpuJoblibLauncher"}
+    hydra.launcher = {"_target_": "hydra_plugins.gradmap_launchers.joblib_gpu.GpuJoblibLauncher", "jobs_per_gpu": 3}
     hydra.runtime.choices["hydra/launcher"] = "parallel"
-    assert request_of(hydra) == Request("parallel", None, True)
+    assert request_of(hydra) == Request("parallel", None, True, 3)
 
 
 # ------------------------------------------------------------------------------------ placement (core/sharing)
