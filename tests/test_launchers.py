@@ -1,4 +1,5 @@
-"""hydra/launcher=ray end to end on the CPU: a tiny sweep on 2 Ray workers, then a rerun that skips both jobs.
+"""Launchers end to end on the CPU: ray (a tiny sweep on 2 Ray workers, then a rerun that skips both jobs), local
+with faked visible GPUs (each job gets its own), and parallel refusing two jobs on one GPU in one line.
 
 One Ray head is started for the module (``ray start --head --block``, 2 CPUs, no dashboard) and both sweeps join it
 by address, so Ray's start-up (10-25 s on a busy 2-core box) is paid once; the head is stopped through its own
@@ -114,3 +115,35 @@ def test_ray_sweep_runs_on_two_workers_and_resumes(ray_head, tmp_path):
     assert "removed layers" not in text  # the rerun did no model work
     assert ray_head["head"].poll() is None  # joining by address leaves the cluster running
     print(f"ray sweep {first_s:.0f} s, rerun {again_s:.0f} s")
+
+
+def run_sweep(runs: Path, *overrides: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "run.py", "-m", *JOBS, f"runs_dir={runs}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_local_launcher_gives_each_job_its_own_gpu(tmp_path):
+    """Two faked visible GPUs: each job's process gets one of them (CUDA_VISIBLE_DEVICES), recorded in placement.
+
+    No GPU exists here, so the jobs themselves run on the CPU (device=auto on a host without GPUs)."""
+    env = sweep_env(tmp_path / "seats") | {"CUDA_VISIBLE_DEVICES": "0,1"}
+    proc = run_sweep(tmp_path, "hydra/launcher=local", env=env)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "2 GPU group(s): [(0,), (1,)]" in text and "sweep smoke: 2 jobs: 2 ok" in text, text[-3000:]
+    visible = sorted(read_result(p)["placement"]["visible_devices"] for p in (tmp_path / "smoke").glob("tiny_*"))
+    assert visible == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_parallel_launcher_refuses_two_jobs_on_one_gpu_in_one_line(tmp_path):
+    env = sweep_env(tmp_path / "seats") | {"CUDA_VISIBLE_DEVICES": "0"}
+    proc = run_sweep(tmp_path, "hydra/launcher=parallel", "device=cuda", env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: hydra/launcher=parallel would run 2 jobs at once on 1 visible GPU(s) (1 per GPU): set "
+        "hydra.launcher.n_jobs=1 (or device=cpu; hydra.launcher.jobs_per_gpu=K shares each GPU between K jobs on "
+        "purpose, their timings flagged)"
+    )
+    assert not list((tmp_path / "smoke").glob("tiny_*"))  # refused before any job started
