@@ -133,8 +133,10 @@ def record_problem(record: Any) -> str | None:
         return f"removed_layers={removed!r} is not a list of layer indices"
     if len(set(removed)) != len(removed) or any(not 0 <= i < n_layers for i in removed):
         return f"removed_layers={removed!r}; allowed: distinct indices 0..{n_layers - 1}"
-    if n_remove != len(removed):
-        return f"n_remove={n_remove!r} but {len(removed)} removed_layers"
+    units = record.get("removed_units")  # BlockPruner: whole layers + half layers, counted in branches
+    partial = isinstance(units, int) and units == 2 * (n_remove or 0) and len(removed) <= (n_remove or 0)
+    if n_remove != len(removed) and not partial:
+        return f"n_remove={n_remove!r} but {len(removed)} removed_layers (and removed_units={units!r})"
     return _sections_problem(record)
 
 

@@ -93,6 +93,7 @@ def test_stub_non_dict_and_truncated_records_are_corrupt(tmp_path, content, prob
         ({"n_layers": 10**12}, "n_layers=1000000000000"),
         ({"timing": {"select_s": 0, "repair_s": 0, "prune_s": float("inf")}}, "timing.prune_s=inf"),
         ({"n_remove": 3}, "n_remove=3 but 2 removed_layers"),
+        ({"n_remove": 3, "removed_units": 5}, "n_remove=3 but 2 removed_layers (and removed_units=5)"),
     ],
 )
 def test_values_are_checked_before_the_report_sees_them(tmp_path, change, problem):
@@ -101,6 +102,13 @@ def test_values_are_checked_before_the_report_sees_them(tmp_path, change, proble
     atomic_write_json(tmp_path / "result.json", {**valid_record(job), **change})
     found = check_record(tmp_path)
     assert found.status == "corrupt" and problem in found.problem
+
+
+def test_a_blockpruner_record_counts_half_layers_in_units(tmp_path):
+    """BlockPruner removes 2·n_remove branches, some as half layers: fewer whole removed_layers is then valid."""
+    job = pipeline.Job.from_config(config(tmp_path))
+    atomic_write_json(tmp_path / "result.json", {**valid_record(job), "n_remove": 3, "removed_units": 6})
+    assert check_record(tmp_path).status == "ok"
 
 
 def test_stub_record_is_recomputed_not_skipped(tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ def _ci_word(row: pd.Series, unit: str, higher_better: bool) -> str:
         return f"no detectable difference ({int(row['n_items'])} {'windows' if unit == 'PPL' else 'items'})"
     ahead = (row["diff"] > 0) == higher_better
     word = ("ahead" if ahead else "behind") if higher_better else ("lower (better)" if ahead else "higher (worse)")
-    return f"{word} by {abs(row['diff']):.2f} {unit} (CI excludes 0, {int(row['n_items'])} items)"
+    what = "windows" if unit == "PPL" else "items"
+    return f"{word} by {abs(row['diff']):.2f} {unit} (CI excludes 0, {int(row['n_items'])} {what})"
 
 
 def _ci_cell(row: pd.Series | None) -> str:
