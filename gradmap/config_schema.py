@@ -117,6 +117,9 @@ class CalibSchema:
     seq_len: int = rule(ge=2, le=1_048_576, required=True)
     seed: int = rule(ge=0, le=MAX_SEED)
     add_bos: bool = None
+    # Which speed protocol the run belongs to (docs/reports.md): matched = the sweep's shared calibration, the
+    # default when absent; native = the method's own calibration size and budget (`+calib.protocol=native`).
+    protocol: Literal["matched", "native"] | None = None
     dev: dict | None = None  # held-out dev windows {path, n_samples, seq_len}: checked by gradmap.splits.dev_split
 
 
