@@ -434,6 +434,14 @@ def test_reports_without_items_say_so(report):
     assert NO_ITEMS in report.verdict.read_text()
 
 
+def test_figure_whiskers_say_what_they_are_and_never_claim_cis(report, evidence):
+    from gradmap.report.style import whisker_note
+
+    without, with_items = (pd.read_csv(files.out / "main.csv") for files in (report, evidence[1]))
+    assert NO_ITEMS in whisker_note(without) and "standard error" in whisker_note(without)
+    assert NO_ITEMS not in whisker_note(with_items) and "paired.csv" in whisker_note(with_items)
+
+
 def pdf_facts(path: Path) -> tuple[float, bool, bool]:
     """(page width in inches, embeds a TrueType font file, uses a Type 3 font) of a matplotlib PDF."""
     data = path.read_bytes()

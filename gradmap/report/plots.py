@@ -27,6 +27,7 @@ from gradmap.report.style import (
     ratio_ticks,
     save,
     styles,
+    whisker_note,
 )
 
 CLIP_FACTOR = 4.0  # log axes end at this × the largest non-control value
@@ -102,7 +103,8 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
         ratio_ticks(ax, pruned["nominal_ratio"])
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 2)
+    note = whisker_note(main) if _spread(main, metric) is not None else None
+    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 2, title=note)
     return save(fig, out, stem)
 
 
@@ -196,7 +198,7 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(title)
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat)[: len(cells)], ncols=5)
+    legend_below(fig, list(axes.flat)[: len(cells)], ncols=5, title=whisker_note(main))
     return save(fig, out, "pareto")
 
 
