@@ -395,6 +395,7 @@ def evidence(tmp_path_factory):
         rec["job_name"] += f"-s{seed}"
         rec["metrics"]["items_file"] = ITEMS_FILE
         rec["config"]["calib"] = {"n_samples": 4, "seq_len": 64}
+        rec["lm_eval"] = {"throughput": {"requests": 400, "seconds": 4.0 + seed, "requests_per_s": 400 / (4 + seed)}}
         write(root, rec)
         write_items(root / f"{rec['job_name']}-{rec['job_id']}" / ITEMS_FILE, items_for(acc, nll))
     return root, build(root, tmp_path_factory.mktemp("evidence_report"))
@@ -427,6 +428,14 @@ def test_seeds_give_mean_std_and_stability(evidence):
     assert seeds.loc["gradmap", "mean_jaccard"] == pytest.approx(jaccard((5, 6), (5, 7)), abs=1e-4)  # 1/3, 4 digits
     assert seeds.loc["shortgpt", "mean_jaccard"] == pytest.approx(1.0)
     assert r"\pm" in (files.out / "main.tex").read_text()
+
+
+def test_lm_eval_throughput_is_shown_where_recorded(report, evidence):
+    _, files = evidence
+    g = cell(pd.read_csv(files.out / "main.csv"), "gradmap", 2)
+    assert g["eval_req_s"] == pytest.approx(np.median([100.0, 80.0]))  # median over the two seeds' runs
+    assert "lm-eval (req/s)" in (files.out / "main.md").read_text()
+    assert "lm-eval (req/s)" not in (report.out / "main.md").read_text(), "no column of dashes for old records"
 
 
 def test_reports_without_items_say_so(report):
