@@ -8,6 +8,7 @@ outside legends), and saved with ``pdf.fonttype = 42``.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ def legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], ncols: int = 4, titl
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
+    if title:  # wrapped to the figure: constrained layout makes room for lines, not for a title wider than the page
+        title = textwrap.fill(title, width=int(15 * fig.get_figwidth()))
     if handles:
         fig.legend(
             list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False, title=title
