@@ -162,10 +162,11 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
     if pruned.empty:
         return []
     style = styles(main["variant"])
-    cells = [
-        (f"{title}, {100 * r:.3g}% removed", group[group["ratio"] == r])
+    cells = [  # titles give the nominal ratio (12.5 %, not 4/30 = 13.3 %), as every other figure does
+        (f"{title}, {100 * g['nominal_ratio'].iloc[0]:.3g}% removed", g)
         for title, group in panels(pruned)
         for r in sorted(group["ratio"].unique())
+        if not (g := group[group["ratio"] == r]).empty
     ]
     nrows, ncols = grid(len(cells), 3)
     fig, axes = figure(TEXT_WIDTH if ncols > 1 else ONE_COLUMN, 2.2 * nrows + 0.8, nrows, ncols)

@@ -97,7 +97,7 @@ def legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], ncols: int = 4, titl
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     if title:  # wrapped to the figure: constrained layout makes room for lines, not for a title wider than the page
-        title = textwrap.fill(title, width=int(15 * fig.get_figwidth()))
+        title = "\n".join(textwrap.fill(line, width=int(15 * fig.get_figwidth())) for line in title.split("\n"))
     if handles:
         fig.legend(
             list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False, title=title
@@ -109,7 +109,7 @@ def whisker_note(rows: Any) -> str:
     and a sweep without per-item records has no CIs at all (the figure says so rather than implying them)."""
     has_items = "items_file" in rows and rows["items_file"].notna().any()
     where = "paired 95 % CIs: paired.csv" if has_items else NO_ITEMS
-    return f"whiskers: std across seeds where a point has several runs, else ±1 standard error; {where}"
+    return f"whiskers: std across seeds where a point has several runs, else ±1 standard error;\n{where}"
 
 
 def plain_log_axis(axis: Any, values: Iterable[float]) -> None:
