@@ -63,12 +63,14 @@ class Job:
             device = torch.device("cuda")  # identity needs only the type; availability is checked later
         method = cfg["method"]["name"]
         prune_cfg = effective_prune(cfg["prune"])
+        # calib.protocol=matched is the default spelt out, so it is the same job as no protocol key
+        calib = {k: v for k, v in cfg["calib"].items() if k != "protocol" or v not in (None, "matched")}
         identity = {
             "model": cfg["model"],
             "method": cfg["method"],
             "repair": cfg["repair"],
             "prune": prune_cfg,
-            "calib": cfg["calib"],
+            "calib": calib,
             "eval": cfg["eval"],
             "seed": cfg["seed"],
             "dtype": effective_dtype_name(cfg["dtype"], device),

@@ -68,6 +68,7 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("calibration file missing", ["calib.path=data/nope.txt"], "calib.path='data/nope.txt': file"),
     ("unknown calibration source", ["calib.source=s3"], "calib.source='s3' is not allowed"),
     ("calib.add_bos not a boolean", ["calib.add_bos=maybe"], "calib.add_bos='maybe' is not a boolean"),
+    ("unknown speed protocol", ["+calib.protocol=naitve"], "calib.protocol='naitve' is not allowed"),
     ("sweep climbs out of runs_dir", ["sweep=../../x"], "sweep='../../x' cannot be a folder name under runs_dir"),
     ("sweep an absolute path", ["sweep=/abs/path"], "sweep='/abs/path' cannot be a folder name"),
     ("sweep '..'", ["sweep=.."], "sweep='..' cannot be a folder name"),

@@ -194,6 +194,11 @@ def test_evaluate_keeps_items_and_lm_eval_block(tiny_model, tokenizer, tmp_path)
     block = res["lm_eval"]
     assert block["n-shot"] == {"arc_easy": 0, "piqa": 0}
     assert block["higher_is_better"]["piqa"]["acc"] is True and set(block["versions"]) == {"arc_easy", "piqa"}
+    tp = block["throughput"]  # one lm-eval request per answer choice of every item scored
+    assert tp["requests"] == sum(len(r["ll"]) for r in rows if "ll" in r) and tp["batch_size"] == 4
+    assert 0 < tp["seconds"] <= res["eval_seconds"] and tp["requests_per_s"] == pytest.approx(
+        tp["requests"] / tp["seconds"]
+    )
     assert "items_file" not in evaluate(tiny_model, tokenizer, {**cfg, "tasks": [], "limit": None})
 
 

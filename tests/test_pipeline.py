@@ -164,3 +164,16 @@ def test_dtype_aliases_are_the_same_job(tmp_path):
     same = {Job.from_config(config(tmp_path, f"dtype={name}")).job_id for name in ("auto", "float32", "fp32")}
     assert len(same) == 1, "on CPU auto means float32, and fp32 is an alias of it"
     assert Job.from_config(config(tmp_path, "dtype=bf16")).job_id != same.pop()
+
+
+def test_calib_protocol_matched_is_the_default_job_and_native_is_another(tmp_path):
+    from gradmap.config import validate
+    from gradmap.pipeline import Job
+
+    plain, matched, native = (
+        config(tmp_path, *o) for o in ([], ["+calib.protocol=matched"], ["+calib.protocol=native"])
+    )
+    for cfg in (plain, matched, native):
+        validate(cfg)
+    assert Job.from_config(plain).job_id == Job.from_config(matched).job_id
+    assert Job.from_config(native).job_id != Job.from_config(plain).job_id

@@ -298,6 +298,38 @@ def test_corrupted_model_cache_is_moved_aside_and_rebuilt(tmp_path, monkeypatch,
     assert str(cached) in caplog.text
 
 
+@pytest.mark.slow
+def test_two_jobs_at_once_on_an_empty_cache_both_finish(tmp_path):
+    """Two GGUF-model jobs started together on an empty GRADMAP_CACHE: both build the model cache and the
+    calibration cache, both finish ok, and the cache holds one published copy of each with no temp leftovers.
+    scripts/run_tiny_gguf.py swaps the GGUF weights for a tiny Llama, so this is seconds, not a SmolLM2 run."""
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADMAP_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    args = ["model=smollm2_135m", *FAST[1:], f"runs_dir={runs}", "sweep=cache", "prune.n_remove=2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "scripts/run_tiny_gguf.py", *args, f"method={m}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for m in ("shortgpt", "angular")
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-800:] for o in outs]
+    records = [json.loads(p.read_text()) for p in sorted((runs / "cache").glob("*/result.json"))]
+    assert [(r["method"], r["status"], r["n_layers"]) for r in records] == [
+        ("angular", "ok", 30),
+        ("shortgpt", "ok", 30),
+    ]
+    assert (cache / "models" / "smollm2_135m" / "config.json").is_file()
+    assert len(list((cache / "calib").glob("calib-*.safetensors"))) == 1
+    leftovers = [p.name for p in cache.rglob("*") if p.name.startswith(".") or ".tmp" in p.name or "corrupt" in p.name]
+    assert leftovers == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Security and the checkout
 

@@ -420,6 +420,7 @@ def evidence(tmp_path_factory):
         rec["job_name"] += f"-s{seed}"
         rec["metrics"]["items_file"] = ITEMS_FILE
         rec["config"]["calib"] = {"n_samples": 4, "seq_len": 64}
+        rec["lm_eval"] = {"throughput": {"requests": 400, "seconds": 4.0 + seed, "requests_per_s": 400 / (4 + seed)}}
         write(root, rec)
         write_items(root / f"{rec['job_name']}-{rec['job_id']}" / ITEMS_FILE, items_for(acc, nll))
     return root, build(root, tmp_path_factory.mktemp("evidence_report"))
@@ -454,9 +455,25 @@ def test_seeds_give_mean_std_and_stability(evidence):
     assert r"\pm" in (files.out / "main.tex").read_text()
 
 
+def test_lm_eval_throughput_is_shown_where_recorded(report, evidence):
+    _, files = evidence
+    g = cell(pd.read_csv(files.out / "main.csv"), "gradmap", 2)
+    assert g["eval_req_s"] == pytest.approx(np.median([100.0, 80.0]))  # median over the two seeds' runs
+    assert "lm-eval (req/s)" in (files.out / "main.md").read_text()
+    assert "lm-eval (req/s)" not in (report.out / "main.md").read_text(), "no column of dashes for old records"
+
+
 def test_reports_without_items_say_so(report):
     assert NO_ITEMS in (report.out / "paired.md").read_text()
     assert NO_ITEMS in report.verdict.read_text()
+
+
+def test_figure_whiskers_say_what_they_are_and_never_claim_cis(report, evidence):
+    from gradmap.report.style import whisker_note
+
+    without, with_items = (pd.read_csv(files.out / "main.csv") for files in (report, evidence[1]))
+    assert NO_ITEMS in whisker_note(without) and "standard error" in whisker_note(without)
+    assert NO_ITEMS not in whisker_note(with_items) and "paired.csv" in whisker_note(with_items)
 
 
 def pdf_facts(path: Path) -> tuple[float, bool, bool]:

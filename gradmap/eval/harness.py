@@ -177,7 +177,8 @@ def _run_lm_eval(
             idx = subset_indices(task.task_name, len(task.eval_docs), limits[name], seed)
             if idx is not None:
                 samples[task.task_name] = idx
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
+    lm = _counting(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
+    start = time.perf_counter()
     out = simple_evaluate(
         model=lm,
         tasks=[_requested(loaded, name) for name in tasks],
@@ -186,14 +187,44 @@ def _run_lm_eval(
         samples=samples or None,
         log_samples=keep_items,
     )
+    seconds = time.perf_counter() - start
     if out is None:  # only non-zero ranks get None; this code runs single-process
         raise RuntimeError("lm-eval returned no results")
+    out["throughput"] = {
+        "requests": lm.requests,
+        "seconds": seconds,
+        "requests_per_s": lm.requests / seconds if seconds > 0 else None,
+        "batch_size": cfg.get("batch_size", 1),
+    }
     if on_output is not None:
         on_output(out)
     return {name: task_metrics(out, name) for name in tasks}, out
 
 
-LM_EVAL_BLOCK = ("versions", "n-shot", "higher_is_better", "n-samples", "configs", "lm_eval_version")
+LM_EVAL_BLOCK = ("versions", "n-shot", "higher_is_better", "n-samples", "configs", "lm_eval_version", "throughput")
+
+
+def _counting(hflm: type) -> type:
+    """HFLM that counts the requests it is sent (one per answer choice per item for multiple choice): the
+    throughput in the record is requests / seconds of ``simple_evaluate``, so an eval-speed change is visible per
+    job, not only in scripts/eval_throughput.py."""
+
+    class CountingHFLM(hflm):
+        requests = 0
+
+        def loglikelihood(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
+            self.requests += len(requests)
+            return super().loglikelihood(requests, *args, **kwargs)
+
+        def loglikelihood_rolling(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
+            self.requests += len(requests)
+            return super().loglikelihood_rolling(requests, *args, **kwargs)
+
+        def generate_until(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
+            self.requests += len(requests)
+            return super().generate_until(requests, *args, **kwargs)
+
+    return CountingHFLM
 
 
 def lm_eval_block(out: Mapping[str, Any]) -> dict[str, Any]:
@@ -347,7 +378,8 @@ def evaluate(
     ``items_path`` (e.g. ``<job>/items.jsonl.gz``): also keep every item's outcome and every PPL window's NLL
     there (:mod:`gradmap.eval.items`) and add ``items_file`` (its name) and ``items_n`` (rows) to the result.
     With tasks, the result also holds ``lm_eval``: lm-eval's task versions, configs, n-shot and
-    higher_is_better (:func:`lm_eval_block`), for the caller to keep in its record.
+    higher_is_better (:func:`lm_eval_block`), and ``throughput`` ({requests, seconds, requests_per_s, batch_size}
+    of the lm-eval run, perplexity excluded), for the caller to keep in its record.
 
     The model is moved to ``device`` (unless sharded), evaluated in eval mode, and its train/eval mode
     restored afterwards, so a pruning pipeline that keeps the model in train mode (gradient checkpointing) is

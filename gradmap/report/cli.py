@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="tables and verdict only (fast)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # its font subsetting logs a line per table at INFO
     try:
         files = build(
             args.sweep_dir, args.out, parse_averaging(args.speedup_baselines), args.claim, plots=not args.no_plots

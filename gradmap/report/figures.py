@@ -23,7 +23,17 @@ from gradmap.eval.tasks import TASK_NAMES
 from gradmap.report.common import CONTROLS, DENSE, GRADMAP, TASK_LABELS, display_name
 from gradmap.report.rows import variant_of
 from gradmap.report.stats import ratio_bootstrap
-from gradmap.report.style import ONE_COLUMN, TEXT_WIDTH, figure, grid, legend_below, order_key, plain_log_axis, save
+from gradmap.report.style import (
+    ONE_COLUMN,
+    TEXT_WIDTH,
+    figure,
+    grid,
+    legend_below,
+    order_key,
+    plain_log_axis,
+    save,
+    whisker_note,
+)
 from gradmap.report.style import styles as method_styles
 from gradmap.report.table import Averaging, is_baseline
 
@@ -155,12 +165,12 @@ def plot_per_task(main: pd.DataFrame, out: Path) -> list[Path]:
             d = dense.iloc[0]
             ax.hlines([100 * d[t] for t in tasks], np.arange(len(tasks)) - 0.45, np.arange(len(tasks)) + 0.45,
                       color="black", lw=0.9, label="Dense")  # fmt: skip
-        ax.set_xticks(np.arange(len(tasks)), [TASK_LABELS[t] for t in tasks])
+        ax.set_xticks(np.arange(len(tasks)), [TASK_LABELS[t] for t in tasks], rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{model}, {100 * g['nominal_ratio'].iloc[0]:.3g}% removed")
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat), ncols=6)
+    legend_below(fig, list(axes.flat), ncols=6, title=whisker_note(main))
     return save(fig, out, "per_task")
 
 

@@ -27,6 +27,7 @@ from gradmap.report.style import (
     ratio_ticks,
     save,
     styles,
+    whisker_note,
 )
 
 CLIP_FACTOR = 4.0  # log axes end at this × the largest non-control value
@@ -102,7 +103,8 @@ def plot_metric_vs_ratio(main: pd.DataFrame, out: Path, metric: str, stem: str, 
         ratio_ticks(ax, pruned["nominal_ratio"])
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 2)
+    note = whisker_note(main) if _spread(main, metric) is not None else None
+    legend_below(fig, list(axes.flat), ncols=4 if width > ONE_COLUMN else 2, title=note)
     return save(fig, out, stem)
 
 
@@ -160,10 +162,11 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
     if pruned.empty:
         return []
     style = styles(main["variant"])
-    cells = [
-        (f"{title}, {100 * r:.3g}% removed", group[group["ratio"] == r])
+    cells = [  # titles give the nominal ratio (12.5 %, not 4/30 = 13.3 %), as every other figure does
+        (f"{title}, {100 * g['nominal_ratio'].iloc[0]:.3g}% removed", g)
         for title, group in panels(pruned)
         for r in sorted(group["ratio"].unique())
+        if not (g := group[group["ratio"] == r]).empty
     ]
     nrows, ncols = grid(len(cells), 3)
     fig, axes = figure(TEXT_WIDTH if ncols > 1 else ONE_COLUMN, 2.2 * nrows + 0.8, nrows, ncols)
@@ -196,7 +199,7 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(title)
     for ax in list(axes.flat)[len(cells) :]:
         ax.set_visible(False)
-    legend_below(fig, list(axes.flat)[: len(cells)], ncols=5)
+    legend_below(fig, list(axes.flat)[: len(cells)], ncols=5, title=whisker_note(main))
     return save(fig, out, "pareto")
 
 

@@ -84,6 +84,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "prefill_tok_s": speed.get("prefill_tok_s", np.nan),
         "decode_tok_s": speed.get("decode_tok_s", np.nan),
         "latency_s": speed.get("latency_s", np.nan),
+        "eval_req_s": _number(((record.get("lm_eval") or {}).get("throughput") or {}).get("requests_per_s")),
         "speed_setup": (
             f"{speed.get('prompt_len')}+{speed.get('gen_len')} tok, batch {speed.get('batch_size')}, "
             f"{speed.get('device')}, {speed.get('dtype')}, {speed.get('threads')} threads"
@@ -158,6 +159,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per model × eval × variant × layer count: metrics averaged, times as medians, runs counted."""
     keys = ["model", "eval", "variant", "n_remove"]
     medians = {"select_s", "repair_s", "prune_s", "peak_mem_gib", "prefill_tok_s", "decode_tok_s", "latency_s"}
+    medians.add("eval_req_s")
     spec: dict[str, Any] = {}
     for col in rows.columns:
         if col in keys or col in ("seed", "job_dir", "prune_s_repeats", "calib_tokens"):

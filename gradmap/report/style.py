@@ -8,6 +8,7 @@ outside legends), and saved with ``pdf.fonttype = 42``.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import matplotlib.ticker
 import numpy as np
 
 from gradmap.report.common import DENSE, METHOD_ORDER, display_name, family
+from gradmap.report.paired import NO_ITEMS
 
 ONE_COLUMN = 3.3
 TEXT_WIDTH = 7.0
@@ -94,8 +96,20 @@ def legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], ncols: int = 4, titl
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
+    if title:  # wrapped to the figure: constrained layout makes room for lines, not for a title wider than the page
+        title = "\n".join(textwrap.fill(line, width=int(15 * fig.get_figwidth())) for line in title.split("\n"))
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False)
+        fig.legend(
+            list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False, title=title
+        )
+
+
+def whisker_note(rows: Any) -> str:
+    """What a figure's whiskers are, for its legend title: a reader must not take a standard error for a paired CI,
+    and a sweep without per-item records has no CIs at all (the figure says so rather than implying them)."""
+    has_items = "items_file" in rows and rows["items_file"].notna().any()
+    where = "paired 95 % CIs: paired.csv" if has_items else NO_ITEMS
+    return f"whiskers: std across seeds where a point has several runs, else ±1 standard error;\n{where}"
 
 
 def plain_log_axis(axis: Any, values: Iterable[float]) -> None:

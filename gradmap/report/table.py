@@ -153,11 +153,13 @@ def display_columns(main: pd.DataFrame, averaging: Averaging) -> dict[str, Colum
         "params_pct": Column("params kept (%)", ".1f"),
         "prefill_speedup": Column("prefill speedup (×)", "x"),
         "decode_speedup": Column("decode speedup (×)", "x"),
+        "eval_req_s": Column("lm-eval (req/s)", ".3g"),
     }
     if main["eval"].nunique() <= 1:
         cols.pop("eval")
-    if not main["dev_nll"].notna().any():  # records from before calib.dev: no column of dashes
-        cols.pop("dev_nll")
+    for key in ("dev_nll", "eval_req_s"):  # records from before calib.dev / the request count: no column of dashes
+        if key not in main or not main[key].notna().any():
+            cols.pop(key)
     return cols
 
 
@@ -227,6 +229,11 @@ def main_caption(main: pd.DataFrame, averaging: Averaging) -> str:
         f"(loading, calibration, evaluation excluded); peak memory = {kinds or '?'}. GradMAP speedup = "
         f"t_method / t_GradMAP (> 1: GradMAP faster); mean speedup = arithmetic mean over [{averaging.label}]. "
         f"Inference speedup = pruned / dense tokens per second ({setups or 'not measured'})."
+        + (
+            " lm-eval req/s = lm-eval requests (one per answer choice) / seconds of the lm-eval run."
+            if "eval_req_s" in main and main["eval_req_s"].notna().any()
+            else ""
+        )
     )
 
 

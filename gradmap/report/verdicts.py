@@ -24,12 +24,12 @@ def _fmt_delta(delta: float, noise: float, unit: str, higher_better: bool = True
 
 def _ci_word(row: pd.Series, unit: str, higher_better: bool) -> str:
     """GradMAP vs a method from its paired row (diff = GradMAP - method): counted only when the CI excludes 0."""
+    counted = f"{int(row['n_items'])} {'windows' if unit == 'PPL' else 'items'}"
     if not row["significant"]:
-        return f"no detectable difference ({int(row['n_items'])} {'windows' if unit == 'PPL' else 'items'})"
+        return f"no detectable difference ({counted})"
     ahead = (row["diff"] > 0) == higher_better
     word = ("ahead" if ahead else "behind") if higher_better else ("lower (better)" if ahead else "higher (worse)")
-    what = "windows" if unit == "PPL" else "items"
-    return f"{word} by {abs(row['diff']):.2f} {unit} (CI excludes 0, {int(row['n_items'])} {what})"
+    return f"{word} by {abs(row['diff']):.2f} {unit} (CI excludes 0, {counted})"
 
 
 def _ci_cell(row: pd.Series | None) -> str:
