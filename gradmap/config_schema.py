@@ -121,6 +121,8 @@ class CalibSchema:
     # Which speed protocol the run belongs to (docs/reports.md): matched = the sweep's shared calibration, the
     # default when absent; native = the method's own calibration size and budget (`+calib.protocol=native`).
     protocol: Literal["matched", "native"] | None = None
+    # rows: SLEB's native sampler, n_samples = rows cut into consecutive windows (conf/calib/sleb_native*.yaml)
+    sampling: Literal["windows", "rows"] | None = None
     dev: dict | None = None  # held-out dev windows {path, n_samples, seq_len}: checked by gradmap.splits.dev_split
 
 

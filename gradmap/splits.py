@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gradmap.core.calib import build_calibration, dev_windows, window_starts
+from gradmap.core.calib import build_calibration, dev_windows, row_windows, window_starts
 from gradmap.core.components import calibration_nll
 from gradmap.models import cache_root
 from gradmap.paths import REPO_ROOT, read_text_file
@@ -25,13 +25,17 @@ def calibration(calib_cfg: Mapping[str, Any], tokenizer) -> torch.Tensor:
     source = calib_cfg["source"]
     if source == "file":
         text = read_text_file(calib_cfg["path"])
+        rows = text.split("\n")
     elif source == "hf_dataset":
         from datasets import load_dataset  # edge dependency, online users only
 
-        rows = load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])
-        text = "\n\n".join(rows["text"])
+        rows = list(load_dataset(calib_cfg["dataset"], calib_cfg.get("subset"), split=calib_cfg["split"])["text"])
+        text = "\n\n".join(rows)
     else:
         raise ValueError(f"unknown calib.source {source!r}; allowed: file, hf_dataset")
+    if calib_cfg.get("sampling") == "rows":  # SLEB's native sampler: n_samples rows, cut into consecutive windows
+        n_rows, seq_len, seed = int(calib_cfg["n_samples"]), int(calib_cfg["seq_len"]), int(calib_cfg["seed"])
+        return row_windows(tokenizer, rows, n_rows, seq_len, seed, bool(calib_cfg.get("add_bos", False)))
     return build_calibration(
         tokenizer,
         text,
@@ -63,7 +67,13 @@ def dev_split(calib_cfg: Mapping[str, Any], tokenizer) -> tuple[torch.Tensor, di
     text = read_text_file(dev["path"])
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     exclude: list[tuple[int, int]] = []
-    if calib_cfg.get("source") == "file" and _same_file(calib_cfg["path"], dev["path"]):
+    same_file = calib_cfg.get("source") == "file" and _same_file(calib_cfg["path"], dev["path"])
+    if same_file and calib_cfg.get("sampling") == "rows":
+        raise ValueError(
+            "calib.sampling=rows with calib.dev from the same file cannot keep dev clear of the sampled rows; "
+            "set calib.dev=null or take dev from another text"
+        )
+    if same_file:
         body = int(calib_cfg["seq_len"]) - (1 if calib_cfg.get("add_bos") else 0)
         starts = window_starts(ids.numel(), int(calib_cfg["n_samples"]), body, int(calib_cfg["seed"]))
         exclude = [(s, body) for s in starts]

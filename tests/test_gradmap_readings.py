@@ -212,3 +212,33 @@ def test_a_bos_model_gets_bos_in_calibration_dev_and_ppl_windows(monkeypatch):
     windows, info = splits.dev_split(calib, Tokenizer())
     assert info["add_bos"] and windows.shape == (2, 8) and (windows[:, 0] == 7).all()
     assert windows[0, 1:].tolist() == words[:7]
+
+
+def test_sleb_native_rows_sampler_cuts_consecutive_windows_of_shuffled_rows(monkeypatch):
+    """calib.sampling=rows (SLEB's reference loader): n_samples *rows*, shuffled by seed, joined with blank lines,
+    cut into floor(tokens / seq_len) consecutive windows; a dev split of the same file is refused in one line."""
+    import gradmap.splits as splits
+    from gradmap.core.calib import CalibrationError, row_windows
+
+    class Tokenizer:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w) for w in text.split()]}
+
+    rows = [f"{10 * i} {10 * i + 1} {10 * i + 2}" for i in range(20)]  # 3 tokens per row
+    windows = row_windows(Tokenizer(), rows, n_rows=5, seq_len=4, seed=3)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(3)).tolist()[:5]
+    stream = [t for i in order for t in (10 * i, 10 * i + 1, 10 * i + 2)]
+    assert windows.shape == (3, 4) and windows.flatten().tolist() == stream[:12]
+    with pytest.raises(CalibrationError, match="fewer than one window"):
+        row_windows(Tokenizer(), rows, n_rows=1, seq_len=8)
+    monkeypatch.setattr(splits, "read_text_file", lambda path: "\n".join(rows))
+    same = {
+        "source": "file",
+        "path": "a.txt",
+        "sampling": "rows",
+        "dev": {"path": "a.txt", "n_samples": 1, "seq_len": 4},
+    }
+    with pytest.raises(ValueError, match="cannot keep dev clear of the sampled rows"):
+        splits.dev_split({**same, "n_samples": 5, "seq_len": 4, "seed": 0}, Tokenizer())

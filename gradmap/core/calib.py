@@ -51,6 +51,36 @@ def sample_windows(
     return windows.long()
 
 
+def row_windows(
+    tokenizer, rows: list[str], n_rows: int, seq_len: int, seed: int = 0, add_bos: bool = False
+) -> torch.Tensor:
+    """SLEB's native calibration (its reference data loader): shuffle the dataset's rows (seeded), join the first
+    ``n_rows`` with blank lines, tokenise once and cut the stream into ⌊tokens / seq_len⌋ consecutive windows.
+
+    Why a second sampler: SLEB's published numbers use 128 *rows* of WikiText-2 train, i.e. 3-5 windows of 2048
+    tokens, not 128 windows; matched-token comparisons use :func:`build_calibration`, this reproduces the native
+    setting. The permutation is torch's, not the ``datasets`` library's, so the same procedure picks other rows.
+    """
+    if n_rows < 1 or seq_len < 2:
+        raise CalibrationError(
+            f"calib.sampling=rows needs n_samples (rows) >= 1 and seq_len >= 2, got {n_rows} x {seq_len}"
+        )
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    text = "\n\n".join(rows[i] for i in order[:n_rows])
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    body = seq_len - (1 if add_bos else 0)
+    n = ids.numel() // body
+    if n < 1:
+        raise CalibrationError(
+            f"calib.sampling=rows: {n_rows} rows give {ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "raise calib.n_samples (rows) or lower calib.seq_len"
+        )
+    windows = ids[: n * body].view(n, body)
+    if add_bos:
+        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
 def build_calibration(
     tokenizer,
     text: str,
