@@ -53,7 +53,7 @@ bench: install
 bench-cpu: install
 	$(PY) -m gradmap.bench --preset cpu $(ARGS)
 
-chaos: install  ## 12-job tiny sweep with 3 injected faults: 9 results intact, the rerun redoes exactly 3
+chaos: install  ## tiny sweep with 3 injected faults (9 intact, rerun redoes 3), then kill-mid-write, killed force rerun, corrupt/stub records, two processes on one job, two jobs on an empty cache (~15 min on 2 cores)
 	$(PY) scripts/chaos.py
 
 clean:

@@ -529,3 +529,17 @@ def test_stability_axes_and_jaccard():
     assert stab.loc["seed", "pairs"] == 1 and stab.loc["seed", "mean_jaccard"] == pytest.approx(1 / 3)
     assert stab.loc["calib_size", "pairs"] == 2 and stab.loc["calib_size", "mean_jaccard"] == 0.0
     assert jaccard((), ()) == 1.0
+
+
+def test_removed_layer_grid_takes_sets_of_different_sizes():
+    """BlockPruner removes half layers, so its whole-layer set is shorter than the others' (the shipped offline_main
+    report failed with numpy's 'inhomogeneous shape' here)."""
+    import matplotlib.pyplot as plt
+
+    from gradmap.report.plots import removed_grid
+
+    fig, ax = plt.subplots()
+    removed_grid(ax, ["a", "b"], [(1, 2, 3), (5,)], 8)
+    shown = ax.images[0].get_array()
+    plt.close(fig)
+    assert shown.shape == (2, 8) and shown.sum() == 4 and shown[1, 5] == 1

@@ -205,11 +205,12 @@ def plot_pareto(main: pd.DataFrame, out: Path) -> list[Path]:
 
 def removed_grid(ax: Any, names: list[str], sets: list[tuple[int, ...]] | np.ndarray, n_layers: int) -> None:
     """Methods × layer index heat map: 1 (dark) = removed; a row may hold frequencies in [0, 1] instead."""
-    values = np.asarray(sets, dtype=float)
-    if values.ndim != 2 or values.shape[1] != n_layers:
+    if isinstance(sets, np.ndarray) and sets.ndim == 2 and sets.shape[1] == n_layers:
+        values = sets.astype(float)  # frequencies per layer (stability)
+    else:  # index sets, which may differ in length (BlockPruner removes half layers, so fewer whole ones)
         values = np.zeros((len(sets), n_layers))
         for i, layers in enumerate(sets):
-            values[i, list(layers)] = 1
+            values[i, [int(x) for x in layers]] = 1
     ax.imshow(values, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
     step = max(1, n_layers // 12)
