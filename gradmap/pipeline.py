@@ -58,6 +58,7 @@ class Job:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Job:
+        cfg = with_model_bos(cfg)  # every caller (execute, the sweep summary, the report) gets the same job id
         device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else "cpu")
         if str(cfg["device"]).startswith("cuda"):
             device = torch.device("cuda")  # identity needs only the type; availability is checked later

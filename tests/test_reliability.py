@@ -353,3 +353,13 @@ def test_git_status_takes_no_index_lock(monkeypatch):
     results.git_commit()
     status = [c for c in calls if "status" in c]
     assert status and all("--no-optional-locks" in c for c in status)
+
+
+def test_a_bos_model_has_one_job_id_for_every_caller(tmp_path):
+    """model.bos changes calib/eval before the job id; the sweep summary and run.py call Job.from_config on the raw
+    config, so it must apply the same change (it did not: a Gemma sweep reported its 3 finished jobs as missing)."""
+    from gradmap.models import with_model_bos
+
+    cfg = config(tmp_path, "+model.bos=true")
+    assert pipeline.Job.from_config(cfg).job_id == pipeline.Job.from_config(with_model_bos(cfg)).job_id
+    assert pipeline.Job.from_config(cfg).job_id != pipeline.Job.from_config(config(tmp_path)).job_id
