@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gradmap.core.calib import build_calibration, dev_windows, row_windows, window_starts
+from gradmap.core.calib import build_calibration, dev_windows, row_windows, window_bos, window_starts
 from gradmap.core.components import calibration_nll
 from gradmap.models import cache_root
 from gradmap.paths import REPO_ROOT, read_text_file
@@ -78,10 +78,9 @@ def dev_split(calib_cfg: Mapping[str, Any], tokenizer) -> tuple[torch.Tensor, di
         starts = window_starts(ids.numel(), int(calib_cfg["n_samples"]), body, int(calib_cfg["seed"]))
         exclude = [(s, body) for s in starts]
     windows, picks = dev_windows(ids, int(dev["n_samples"]), int(dev["seq_len"]), exclude)
-    if calib_cfg.get("add_bos"):  # like the calibration windows: BOS, then the tile's first seq_len - 1 tokens
-        if tokenizer.bos_token_id is None:
-            raise ValueError("calib.add_bos is true but the tokenizer has no bos_token_id")
-        windows = torch.cat([torch.full_like(windows[:, :1], tokenizer.bos_token_id), windows[:, :-1]], dim=1)
+    bos = window_bos(tokenizer, bool(calib_cfg.get("add_bos")))
+    if bos is not None:  # like the calibration windows: BOS, then the tile's first seq_len - 1 tokens
+        windows = torch.cat([torch.full_like(windows[:, :1], bos), windows[:, :-1]], dim=1)
     info = {
         "path": str(dev["path"]),
         "n_samples": int(dev["n_samples"]),

@@ -42,8 +42,8 @@ def parse_cap(text: str) -> dict[int | str, str]:
     return cap
 
 
-def build(arch: str, seed: int, device: str = "cuda:0") -> torch.nn.Module:
-    """The seeded random model, initialised on ``device`` and returned on the CPU when asked for "cpu".
+def build(arch: str, seed: int, on_cpu: bool = False) -> torch.nn.Module:
+    """The seeded random model, initialised on ``cuda:0`` and returned there, or moved to the CPU with ``on_cpu``.
 
     Why on the GPU: a seeded init of 7B parameters on the CPU took over 2 minutes on the 16-core H200 host (two of
     them did not fit a 4-minute slot on 2026-12-02); on the GPU it takes seconds, and the same seed gives the same
@@ -53,7 +53,7 @@ def build(arch: str, seed: int, device: str = "cuda:0") -> torch.nn.Module:
     torch.manual_seed(seed)
     with torch.device("cuda:0"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()  # seeded init, straight in bf16
-    return model if device != "cpu" else model.to("cpu")
+    return model.to("cpu") if on_cpu else model
 
 
 def run(model: torch.nn.Module, calib: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -94,9 +94,9 @@ def main() -> int:
     }
     out["device"] = torch.cuda.get_device_name(0)
     if not args.skip_uncapped:
-        out["uncapped"] = run(build(args.arch, args.seed).to("cuda:0"), calib, args)
+        out["uncapped"] = run(build(args.arch, args.seed), calib, args)
         torch.cuda.empty_cache()
-    model = build(args.arch, args.seed, device="cpu")
+    model = build(args.arch, args.seed, on_cpu=True)
     torch.cuda.empty_cache()
     device_map = infer_auto_device_map(model, max_memory=cap, no_split_module_classes=["LlamaDecoderLayer"])
     model = dispatch_model(model, device_map, offload_dir=str(Path(args.out or ".").with_suffix(".offload")))

@@ -212,6 +212,9 @@ def test_a_bos_model_gets_bos_in_calibration_dev_and_ppl_windows(monkeypatch):
     windows, info = splits.dev_split(calib, Tokenizer())
     assert info["add_bos"] and windows.shape == (2, 8) and (windows[:, 0] == 7).all()
     assert windows[0, 1:].tolist() == words[:7]
+    Tokenizer.bos_token_id = None  # asked for BOS, none to give: an error, not windows silently without it
+    with pytest.raises(ValueError, match="tokenizer has no bos_token_id"):
+        splits.dev_split(calib, Tokenizer())
 
 
 def test_sleb_native_rows_sampler_cuts_consecutive_windows_of_shuffled_rows(monkeypatch):

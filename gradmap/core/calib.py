@@ -51,6 +51,16 @@ def sample_windows(
     return windows.long()
 
 
+def window_bos(tokenizer, add_bos: bool) -> int | None:
+    """The BOS id to put in front of every window, or None without ``add_bos``; a tokenizer without one is an
+    error rather than windows silently left without BOS (Gemma needs it: docs/protocol.md §6, BOS)."""
+    if not add_bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise CalibrationError("calib.add_bos is true but the tokenizer has no bos_token_id")
+    return int(tokenizer.bos_token_id)
+
+
 def row_windows(
     tokenizer, rows: list[str], n_rows: int, seq_len: int, seed: int = 0, add_bos: bool = False
 ) -> torch.Tensor:
@@ -68,7 +78,8 @@ def row_windows(
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     text = "\n\n".join(rows[i] for i in order[:n_rows])
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    body = seq_len - (1 if add_bos else 0)
+    bos = window_bos(tokenizer, add_bos)
+    body = seq_len - (1 if bos is not None else 0)
     n = ids.numel() // body
     if n < 1:
         raise CalibrationError(
@@ -76,8 +87,8 @@ def row_windows(
             "raise calib.n_samples (rows) or lower calib.seq_len"
         )
     windows = ids[: n * body].view(n, body)
-    if add_bos:
-        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=windows.dtype), windows], dim=1)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
     return windows
 
 
@@ -110,8 +121,7 @@ def build_calibration(
         if cached is not None:
             return cached
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    bos_id = tokenizer.bos_token_id if add_bos else None
-    windows = sample_windows(ids, n_samples, seq_len, seed, bos_id)
+    windows = sample_windows(ids, n_samples, seq_len, seed, window_bos(tokenizer, add_bos))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = private_temp(cache_file)
