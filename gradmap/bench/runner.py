@@ -130,6 +130,18 @@ def entry_gradmap_oneshot(ctx: Context) -> list[dict[str, Any]]:
     return [_row("gradmap one-shot (stage 1)", data, {"fb": 1.0}, "one backward over D, n layers at once")]
 
 
+def entry_gradmap_tok_oneshot(ctx: Context) -> list[dict[str, Any]]:
+    data = run_prune(ctx, "gradmap_s1", ratio=ctx.cfg.ratio, one_shot=True, grad_target="layer_gate_tok")
+    return [
+        _row(
+            "gradmap_tok one-shot (stage 1)",
+            data,
+            {"fb": 1.0},
+            "activation gradients only: no weight gradient is requested (the lean reading)",
+        )
+    ]
+
+
 def entry_gradmap_nobuffer(ctx: Context) -> list[dict[str, Any]]:
     data = run_prune(
         ctx, "gradmap_s1", ratio=ctx.cfg.ratio, one_shot=True, grad_aggregate="microbatch_abs", **_gradmap_ckpt(ctx)
@@ -289,6 +301,7 @@ ENTRIES: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "gradmap": entry_gradmap,
     "gradmap_oneshot": entry_gradmap_oneshot,
     "gradmap_nobuffer": entry_gradmap_nobuffer,
+    "gradmap_tok_oneshot": entry_gradmap_tok_oneshot,
     "shortgpt": _simple_entry("shortgpt", {"f": 1.0}, cheap=True),
     "angular": _simple_entry("angular", {"f": 1.0}, cheap=True),
     "taylor": _simple_entry("taylor", {"fb": 1.0}),
