@@ -80,7 +80,9 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             overrides.append(arg)
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=False), own  # type: ignore[return-value]
+    plain = OmegaConf.to_container(cfg, resolve=False)  # hydra's own resolvers need a running app: resolve calib only
+    plain["calib"] = OmegaConf.to_container(cfg.calib, resolve=True)  # its seed follows ${seed}
+    return plain, own  # type: ignore[return-value]
 
 
 def make_selector(name: str, options: dict[str, Any]):

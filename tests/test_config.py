@@ -62,3 +62,13 @@ def test_repair_yaml_matches_registered_repair(option):
 
 def test_every_registered_method_has_a_yaml():
     assert set(METHODS.names()) <= set(options("method"))
+
+
+@pytest.mark.parametrize("option", options("calib"))
+def test_the_calibration_draw_follows_the_run_seed(option):
+    """``seed=0,1,2`` must be three calibration draws: a calib.seed fixed at 0 made seeds 1 and 2 of the reference
+    study repeat seed 0's windows (found on the GPU, 2026-12-02). An explicit calib.seed still pins the draw."""
+    followed = OmegaConf.to_container(compose_with(f"calib={option}", "seed=2"), resolve=True)
+    assert followed["calib"]["seed"] == 2
+    pinned = OmegaConf.to_container(compose_with(f"calib={option}", "seed=2", "calib.seed=5"), resolve=True)
+    assert pinned["calib"]["seed"] == 5

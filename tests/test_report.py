@@ -28,7 +28,7 @@ from gradmap.report import (
     parse_averaging,
     tables,
 )
-from gradmap.report.latex import standalone
+from gradmap.report.latex import short_caption, standalone
 from gradmap.report.paired import NO_ITEMS
 from gradmap.report.stability import jaccard, stability_table
 from gradmap.report.stats import (
@@ -529,6 +529,24 @@ def test_stability_axes_and_jaccard():
     assert stab.loc["seed", "pairs"] == 1 and stab.loc["seed", "mean_jaccard"] == pytest.approx(1 / 3)
     assert stab.loc["calib_size", "pairs"] == 2 and stab.loc["calib_size", "mean_jaccard"] == 0.0
     assert jaccard((), ()) == 1.0
+
+
+def test_run_seeds_on_one_calibration_draw_are_not_calibration_seeds():
+    """Two runs that differ in ``seed`` but drew the same windows (``calib.seed`` pinned) give no seed-axis pair and
+    the caption says one calibration draw (the reference study's seeds 1-2 once repeated seed 0's windows)."""
+    rows = pd.DataFrame(
+        {
+            "model": "m", "eval": "e", "variant": "x", "method": "x", "n_remove": 2, "n_layers": 8,
+            "seed": [0, 1, 2], "calib_seed": [0, 0, 1], "calib_tokens": 256,
+            "removed_layers": [(1, 2), (1, 2), (1, 3)],
+        }
+    )  # fmt: skip
+    stab = stability_table(rows).set_index("axis")
+    assert stab.loc["seed", "pairs"] == 2 and stab.loc["seed", "mean_jaccard"] == pytest.approx(1 / 3)
+    same_draw = pd.DataFrame({"seeds": [2], "calib_seeds": [1]})
+    assert "2 run seeds on one calibration draw" in short_caption(same_draw)
+    assert "calibration seeds" not in short_caption(same_draw)
+    assert "3 calibration seeds" in short_caption(pd.DataFrame({"seeds": [3], "calib_seeds": [3]}))
 
 
 def test_removed_layer_grid_takes_sets_of_different_sizes():

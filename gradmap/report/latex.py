@@ -113,7 +113,13 @@ def main_latex(main: pd.DataFrame, caption: str) -> str:
 def short_caption(main: pd.DataFrame) -> str:
     """What every number of the main table is, in two sentences."""
     seeds = int(main["seeds"].max()) if "seeds" in main and main["seeds"].notna().any() else 1
-    spread = f" Mean ± std over {seeds} calibration seeds." if seeds > 1 else ""
+    draws = int(main["calib_seeds"].max()) if "calib_seeds" in main and main["calib_seeds"].notna().any() else seeds
+    if draws > 1:
+        spread = f" Mean ± std over {draws} calibration seeds."
+    elif seeds > 1:
+        spread = f" Mean ± std over {seeds} run seeds on one calibration draw."
+    else:
+        spread = ""
     return (
         "Zero-shot accuracy (%) per task and its unweighted average, WikiText-2 perplexity, pruning time "
         "(selection + repair) and GradMAP's speedup t_method / t_GradMAP; best value per block in bold." + spread

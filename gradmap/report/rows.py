@@ -95,6 +95,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "job_name": record.get("job_name"),
         "reused_from": record.get("reused_from"),
         "seed": record.get("seed"),
+        "calib_seed": (config.get("calib") or {}).get("seed"),  # the calibration draw (follows seed unless pinned)
         "calib_tokens": _calib_tokens(config.get("calib") or {}),
         "protocol": str((config.get("calib") or {}).get("protocol") or "matched"),
         "prune_s_repeats": _timed_spans(timing),
@@ -162,7 +163,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     medians.add("eval_req_s")
     spec: dict[str, Any] = {}
     for col in rows.columns:
-        if col in keys or col in ("seed", "job_dir", "prune_s_repeats", "calib_tokens"):
+        if col in keys or col in ("seed", "calib_seed", "job_dir", "prune_s_repeats", "calib_tokens"):
             continue
         if col in medians:
             spec[col] = "median"
@@ -174,6 +175,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     out = groups.agg(spec)
     out["runs"] = groups.size()
     out["seeds"] = groups["seed"].nunique() if "seed" in rows else 1
+    out["calib_seeds"] = groups["calib_seed"].nunique() if "calib_seed" in rows else 1
     out["calib_tokens"] = groups["calib_tokens"].agg(lambda s: int(s.iloc[0]) if s.nunique() == 1 else -1)
     for col in ("avg", "ppl", "prune_s", *TASK_NAMES):  # spread across runs (seeds): NaN for a single run
         if col in rows:

@@ -44,7 +44,9 @@ def stability_table(rows: pd.DataFrame) -> pd.DataFrame:
     for (model, ev, variant, n_remove), group in pruned.groupby(
         ["model", "eval", "variant", "n_remove"], sort=False, dropna=False
     ):
-        for axis, same, differ in (("seed", "calib_tokens", "seed"), ("calib_size", None, "calib_tokens")):
+        # seed axis: runs that drew different calibration windows (calib_seed) at the same calibration size
+        seed_col = "calib_seed" if "calib_seed" in group and group["calib_seed"].notna().all() else "seed"
+        for axis, same, differ in (("seed", "calib_tokens", seed_col), ("calib_size", None, "calib_tokens")):
             values = _pairs(group, same, differ)
             out.append(
                 {
