@@ -358,6 +358,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
 def one_line_error(err: BaseException) -> str:
     """``Type: first line`` of an exception, with advice for the failures researchers hit most."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if getattr(err, "one_line", None):  # an error that already says what to change (e.g. EvalOutOfMemory)
+        return str(err.one_line)
     if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return (
             "CUDA out of memory; lower prune.micro_batch_size (windows per forward), set "

@@ -359,6 +359,24 @@ def primary_results(
     return results
 
 
+def release_cached(device: torch.device) -> None:
+    """Give the allocator's free blocks back: on a shared GPU one job's reserved memory fails another's allocation."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class EvalOutOfMemory(RuntimeError):
+    """The GPU ran out of memory in evaluation, not in pruning; ``one_line`` says which settings to change (on one
+    H200 shared by 15 jobs, lm-eval's logits over Gemma 3's 262k vocabulary took 38 GiB for one batch of 16)."""
+
+    def __init__(self, batch_size: Any) -> None:
+        self.one_line = (
+            f"CUDA out of memory in evaluation at eval.batch_size={batch_size}; lower eval.batch_size "
+            "(or eval.batch_size=auto) or run fewer jobs per GPU"
+        )
+        super().__init__(self.one_line)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -403,6 +421,7 @@ def evaluate(
     try:
         _place(model, device)
         model.eval()
+        release_cached(device)  # pruning's cached blocks go back to the GPU, for the jobs sharing it
         if tasks:
             keep = items_path is not None
             per_task, out = _run_lm_eval(model, tokenizer, tasks, cfg, on_lm_eval, keep_items=keep)
@@ -410,9 +429,12 @@ def evaluate(
             results["lm_eval"] = lm_eval_block(out)
             items += item_rows(out) if keep else []
         if ppl_cfg:
+            release_cached(device)  # lm-eval's largest logits are not needed for the perplexity windows
             flat, windows = _run_ppl(model, tokenizer, ppl_cfg, device)
             results.update(flat)
             items += windows
+    except torch.cuda.OutOfMemoryError as err:  # the pruning advice would mislead here: the batch is eval's
+        raise EvalOutOfMemory(cfg.get("batch_size")) from err
     finally:
         model.train(was_training)
     if items_path is not None:
