@@ -131,7 +131,9 @@ def entry_gradmap_oneshot(ctx: Context) -> list[dict[str, Any]]:
 
 
 def entry_gradmap_tok_oneshot(ctx: Context) -> list[dict[str, Any]]:
-    data = run_prune(ctx, "gradmap_s1", ratio=ctx.cfg.ratio, one_shot=True, grad_target="layer_gate_tok")
+    data = run_prune(
+        ctx, "gradmap_s1", ratio=ctx.cfg.ratio, one_shot=True, grad_target="layer_gate_tok", **_gradmap_ckpt(ctx)
+    )
     return [
         _row(
             "gradmap_tok one-shot (stage 1)",

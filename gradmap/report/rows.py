@@ -46,6 +46,7 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
     timing = record.get("timing") or {}
     speed = record.get("speed") or {}
     config = record.get("config") or {}
+    calib = config.get("calib") or {}
     tasks = [t for t in TASK_NAMES if t in metrics]
     stderrs = [metrics.get(f"{t}/{_primary_metric(metrics, t)}_stderr") for t in tasks]
     avg_se = (
@@ -95,9 +96,9 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "job_name": record.get("job_name"),
         "reused_from": record.get("reused_from"),
         "seed": record.get("seed"),
-        "calib_seed": (config.get("calib") or {}).get("seed"),  # the calibration draw (follows seed unless pinned)
-        "calib_tokens": _calib_tokens(config.get("calib") or {}),
-        "protocol": str((config.get("calib") or {}).get("protocol") or "matched"),
+        "calib_seed": calib.get("seed"),  # the calibration draw (follows seed unless pinned)
+        "calib_tokens": _calib_tokens(calib),
+        "protocol": str(calib.get("protocol") or "matched"),
         "prune_s_repeats": _timed_spans(timing),
         "items_file": metrics.get("items_file"),
         "shared_device": _shared_device(record),
