@@ -124,6 +124,26 @@ def test_local_task_renders_like_builtin(name: str, local_tasks: dict) -> None:
     assert got == _requests(builtin, [docs_builtin[i] for i in picks])
 
 
+def test_templates_compiled_once_render_the_same_prompts(local_tasks: dict) -> None:
+    """The template cache used during evaluation changes no prompt, choice or gold index of any task, compiles
+    each template string once, and puts lm-eval's own function back afterwards."""
+    from lm_eval import utils
+
+    from gradmap.eval.templates import templates_compiled_once
+
+    original = utils.apply_template
+    for name, task in local_tasks.items():
+        docs = [task.eval_docs[i] for i in subset_indices(name, len(task.eval_docs), 40, 7)]
+        expected = _requests(task, docs)
+        with templates_compiled_once():
+            assert utils.apply_template is not original
+            assert _requests(task, docs) == expected, name
+        assert utils.apply_template is original
+    with templates_compiled_once():
+        utils.apply_template("{{a}}-{{b}}", {"a": 1, "b": 2})
+        assert utils.apply_template("{{a}}-{{b}}", {"a": 3, "b": 4}) == "3-4"
+
+
 def test_known_prompts(local_tasks: dict) -> None:
     """Anchors against the HF originals (known first items), incl. HellaSwag's restored capital letter."""
     hs = local_tasks["hellaswag"]

@@ -35,6 +35,7 @@ from gradmap.eval.items import task_items, window_items, write_items
 from gradmap.eval.lmeval_tasks import check_tasks, default_metric_map, higher_is_better, pick_primary, task_metrics
 from gradmap.eval.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
 from gradmap.eval.tasks import local_task_configs
+from gradmap.eval.templates import templates_compiled_once
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,15 @@ def _run_lm_eval(
                 samples[task.task_name] = idx
     lm = _counting(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
     start = time.perf_counter()
-    out = simple_evaluate(
-        model=lm,
-        tasks=[_requested(loaded, name) for name in tasks],
-        task_manager=manager,
-        num_fewshot=None,  # tasks without num_fewshot (all 7, local and built-in) run 0-shot
-        samples=samples or None,
-        log_samples=keep_items,
-    )
+    with templates_compiled_once():
+        out = simple_evaluate(
+            model=lm,
+            tasks=[_requested(loaded, name) for name in tasks],
+            task_manager=manager,
+            num_fewshot=None,  # tasks without num_fewshot (all 7, local and built-in) run 0-shot
+            samples=samples or None,
+            log_samples=keep_items,
+        )
     seconds = time.perf_counter() - start
     if out is None:  # only non-zero ranks get None; this code runs single-process
         raise RuntimeError("lm-eval returned no results")
