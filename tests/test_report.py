@@ -549,6 +549,21 @@ def test_run_seeds_on_one_calibration_draw_are_not_calibration_seeds():
     assert "3 calibration seeds" in short_caption(pd.DataFrame({"seeds": [3], "calib_seeds": [3]}))
 
 
+def test_verdict_states_unequal_runs_behind_rows():
+    """A GradMAP row over two calibration draws beside baselines over one says so (the reference study's shape)."""
+    from gradmap.report.verdicts import _runs_line
+
+    rows = pd.DataFrame(
+        {"method": ["none", "gradmap", "shortgpt"], "runs": [1, 2, 1], "calib_seeds": [1, 2, 1]},
+        index=["none", "gradmap", "shortgpt"],
+    )
+    (line,) = _runs_line(rows)
+    assert "gradmap: 2 run(s), 2 calibration draw(s)" in line and "shortgpt: 1 run(s), 1 calibration draw(s)" in line
+    assert "none:" not in line and "runs' mean" in line
+    (equal,) = _runs_line(rows.assign(runs=1, calib_seeds=1))
+    assert "runs' mean" not in equal
+
+
 def test_removed_layer_grid_takes_sets_of_different_sizes():
     """BlockPruner removes half layers, so its whole-layer set is shorter than the others' (the shipped offline_main
     report failed with numpy's 'inhomogeneous shape' here)."""

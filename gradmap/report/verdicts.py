@@ -157,6 +157,22 @@ def _protocol_lines(protocols: pd.DataFrame, cell: pd.Series, claim: float) -> l
     return out
 
 
+def _runs_line(rows: pd.DataFrame) -> list[str]:
+    """How many runs (and calibration draws) each row averages, so an unequal footing is stated, not hidden."""
+    if "runs" not in rows or "calib_seeds" not in rows:
+        return []
+    groups: dict[tuple[int, int], list[str]] = {}
+    for variant, row in rows.iterrows():
+        if row["method"] != DENSE and pd.notna(row["runs"]):
+            draws = int(row["calib_seeds"]) if pd.notna(row["calib_seeds"]) else 1
+            groups.setdefault((int(row["runs"]), draws), []).append(str(variant))
+    parts = [
+        f"{', '.join(names)}: {runs} run(s), {draws} calibration draw(s)" for (runs, draws), names in groups.items()
+    ]
+    note = " Each row averages its runs; a paired CI covers the items at the runs' mean." if len(groups) > 1 else ""
+    return [f"Runs behind each row ({'; '.join(parts)}).{note}"] if parts else []
+
+
 def _shared_lines(rows: pd.DataFrame) -> list[str]:
     """One flag line when a method of the cell was timed while other jobs ran on its GPU (or its CPU cores)."""
     if "shared_device" not in rows:
@@ -206,7 +222,7 @@ def _verdict_cell(
     )
     if cell["devices"] > 1:
         lines.append("**Warning:** these methods ran on different devices; their times are not comparable.")
-    lines += _shared_lines(rows)
+    lines += _runs_line(rows) + _shared_lines(rows)
     others = rows.drop(index=[GRADMAP] + [v for v in rows.index if rows.loc[v, "method"] == DENSE])
     members = set(averaging.members(rows.index))
     where = (cell["model"], cell["eval"], cell["n_remove"], GRADMAP)
