@@ -124,7 +124,7 @@ def test_local_task_renders_like_builtin(name: str, local_tasks: dict) -> None:
     assert got == _requests(builtin, [docs_builtin[i] for i in picks])
 
 
-def test_templates_compiled_once_render_the_same_prompts(local_tasks: dict) -> None:
+def test_templates_compiled_once_render_the_same_prompts(local_tasks: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The template cache used during evaluation changes no prompt, choice or gold index of any task, compiles
     each template string once, and puts lm-eval's own function back afterwards."""
     from lm_eval import utils
@@ -139,9 +139,13 @@ def test_templates_compiled_once_render_the_same_prompts(local_tasks: dict) -> N
             assert utils.apply_template is not original
             assert _requests(task, docs) == expected, name
         assert utils.apply_template is original
+    compiles = []
+    parse = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda source: compiles.append(source) or parse(source))
     with templates_compiled_once():
-        utils.apply_template("{{a}}-{{b}}", {"a": 1, "b": 2})
+        assert utils.apply_template("{{a}}-{{b}}", {"a": 1, "b": 2}) == "1-2"
         assert utils.apply_template("{{a}}-{{b}}", {"a": 3, "b": 4}) == "3-4"
+    assert compiles == ["{{a}}-{{b}}"]
 
 
 def test_known_prompts(local_tasks: dict) -> None:

@@ -29,7 +29,7 @@ def templates_compiled_once() -> Iterator[None]:
     environment = getattr(utils, "env", None)
     original = utils.apply_template
     if environment is None:
-        log.warning("lm_eval.utils.env not found (lm-eval %s): prompt templates compiled per document", utils)
+        log.warning("lm_eval.utils.env not found: prompt templates are compiled per document (slower, same prompts)")
         yield
         return
     compiled = functools.lru_cache(maxsize=None)(environment.from_string)
