@@ -145,6 +145,7 @@ class EvalSchema:
     source: Literal["local", "online"] = None
     metric_map: Any = None  # checked by gradmap.eval.harness.check_eval_config
     num_fewshot: Any = None  # null | int >= 0 | {task: int}
+    loop: Literal["lm_eval", "lean"] | None = None  # gradmap.eval.loops
     ppl: PplSchema | None = None
 
 

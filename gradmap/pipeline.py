@@ -72,7 +72,8 @@ class Job:
             "repair": cfg["repair"],
             "prune": prune_cfg,
             "calib": calib,
-            "eval": cfg["eval"],
+            # eval.loop=lm_eval (lm-eval's own loop) is the default spelt out: the same job as no loop key
+            "eval": {k: v for k, v in cfg["eval"].items() if k != "loop" or v not in (None, "lm_eval")},
             "seed": cfg["seed"],
             "dtype": effective_dtype_name(cfg["dtype"], device),
         }

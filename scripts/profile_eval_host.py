@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=300, help="items per task (seeded subset, as eval.limit)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loop", default="lm_eval", help="eval.loop: lm_eval (lm-eval's own) or lean")
     parser.add_argument("--items", type=Path, default=Path("profile_items.jsonl.gz"))
     parser.add_argument("--top", type=int, default=30, help="rows of the cumulative-time table to print")
     args = parser.parse_args()
@@ -44,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval" / "full.yaml"))
-    cfg.update(ppl=None, limit=args.limit, batch_size=args.batch_size)
+    cfg.update(ppl=None, limit=args.limit, batch_size=args.batch_size, loop=args.loop)
 
     profile = cProfile.Profile()
     start = time.perf_counter()

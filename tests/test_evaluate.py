@@ -226,6 +226,69 @@ def test_evaluate_keeps_items_and_lm_eval_block(tiny_model, tokenizer, tmp_path)
     assert "items_file" not in evaluate(tiny_model, tokenizer, {**cfg, "tasks": [], "limit": None})
 
 
+def test_lean_loop_answers_every_request_as_lm_eval(tiny_model, tokenizer) -> None:
+    """eval.loop=lean returns lm-eval's answers request by request: long and short rows in one batch, left
+    truncation past max_length, and both of lm-eval's one-token-continuation cache hits (same context with
+    different tokens, and a context/continuation split of the same tokens)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from gradmap.eval.loops import counting_hflm, lean_hflm
+
+    rng = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, len(tokenizer), (400,), generator=rng).tolist()
+    greedy_cont = []
+    with torch.no_grad():
+        for _ in range(3):  # the model's own greedy continuation of ids[:20]: an exact match
+            greedy_cont.append(int(tiny_model(torch.tensor([ids[:20] + greedy_cont])).logits[0, -1].argmax()))
+    requests = [
+        (("a", "b"), ids[:30], ids[30:34]),
+        (("c", "d"), ids[:30], ids[30:31]),  # same context, one token: cache group
+        (("e", "f"), ids[:30], ids[40:41]),
+        (("g", "h"), ids[:29], ids[29:31]),  # ids[:30] + ids[30:31] split differently
+        ((None, None), ids[50:53], ids[53:60]),  # no request string: no cache-hook write
+        (("i", "j"), ids[100:400], ids[60:70]),  # past max_length=256: truncated from the left
+        (("l", "m"), ids[:20], greedy_cont),
+        *[((f"k{n}", ""), ids[n : n + 7], ids[n + 7 : n + 7 + n % 3 + 1]) for n in range(9)],
+    ]
+    stock = counting_hflm(HFLM)(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4, max_length=256)
+    lean = counting_hflm(lean_hflm(HFLM))(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4, max_length=256)
+    expected = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = lean._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(got) == len(expected) == len(requests)
+    for (ll, greedy), (ll_expected, greedy_expected) in zip(got, expected, strict=True):
+        assert ll == pytest.approx(ll_expected, rel=1e-5, abs=1e-5) and greedy == greedy_expected
+    assert expected[6] == (pytest.approx(expected[6][0]), True)  # the greedy path is exercised
+
+
+def test_lean_loop_gives_the_same_items_on_the_7_tasks(tiny_model, tokenizer, tmp_path) -> None:
+    """Per-item records of the 7 tasks are the same with either loop (accuracies exactly, log-likelihoods to
+    float rounding); the loop is recorded, and a bad loop name fails before any model work."""
+    cfg = {"name": "t", "tasks": list(TASK_NAMES), "limit": 6, "subset_seed": 1, "batch_size": 8,
+           "source": "local", "ppl": None}  # fmt: skip
+    stock = evaluate(tiny_model, tokenizer, cfg, items_path=tmp_path / "stock" / ITEMS_FILE)
+    lean = evaluate(tiny_model, tokenizer, {**cfg, "loop": "lean"}, items_path=tmp_path / "lean" / ITEMS_FILE)
+    assert stock["lm_eval"]["throughput"]["loop"] == "lm_eval" and lean["lm_eval"]["throughput"]["loop"] == "lean"
+    rows_stock, rows_lean = read_items(tmp_path / "stock"), read_items(tmp_path / "lean")
+    assert len(rows_stock) == len(rows_lean) == 6 * len(TASK_NAMES)
+    for a, b in zip(rows_stock, rows_lean, strict=True):
+        assert {k: v for k, v in a.items() if k != "ll"} == {k: v for k, v in b.items() if k != "ll"}
+        assert b["ll"] == pytest.approx(a["ll"], rel=1e-5, abs=1e-5)
+    assert lean["avg"] == stock["avg"]
+    with pytest.raises(ValueError, match=r"unknown eval\.loop 'fast'; allowed: lm_eval, lean"):
+        evaluate(tiny_model, tokenizer, {**cfg, "loop": "fast"})
+
+
+def test_lean_loop_refuses_a_model_without_an_output_head() -> None:
+    from gradmap.eval.loops import _output_head
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    with pytest.raises(TypeError, match=r"eval\.loop=lean needs a causal LM with an output head"):
+        _output_head(Plain())
+
+
 def test_eval_none_returns_empty() -> None:
     cfg = yaml.safe_load((EVAL_CONF / "none.yaml").read_text())
     assert evaluate(object(), object(), cfg) == {}  # must not touch model or tokenizer

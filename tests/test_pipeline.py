@@ -177,3 +177,18 @@ def test_calib_protocol_matched_is_the_default_job_and_native_is_another(tmp_pat
         validate(cfg)
     assert Job.from_config(plain).job_id == Job.from_config(matched).job_id
     assert Job.from_config(native).job_id != Job.from_config(plain).job_id
+
+
+def test_eval_loop_lm_eval_is_the_default_job_and_lean_is_another(tmp_path):
+    """A sweep keeps one request loop: the lean loop is another job, lm-eval's own loop spelt out is not (so
+    results recorded before eval.loop existed keep their ids)."""
+    from gradmap.config import validate
+    from gradmap.pipeline import Job
+
+    plain, stock, lean = (config(tmp_path, *o) for o in ([], ["+eval.loop=lm_eval"], ["+eval.loop=lean"]))
+    for cfg in (plain, stock, lean):
+        validate(cfg)
+    assert Job.from_config(plain).job_id == Job.from_config(stock).job_id
+    assert Job.from_config(lean).job_id != Job.from_config(plain).job_id
+    with pytest.raises(ValueError, match=r"eval\.loop"):
+        validate(config(tmp_path, "+eval.loop=fast"))

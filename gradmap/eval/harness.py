@@ -33,6 +33,7 @@ import torch
 
 from gradmap.eval.items import task_items, window_items, write_items
 from gradmap.eval.lmeval_tasks import check_tasks, default_metric_map, higher_is_better, pick_primary, task_metrics
+from gradmap.eval.loops import check_loop, counting_hflm, lean_hflm
 from gradmap.eval.perplexity import PPL_DATASETS, load_ppl_text, perplexity, tokenize_corpus
 from gradmap.eval.tasks import local_task_configs
 from gradmap.eval.templates import templates_compiled_once
@@ -40,7 +41,7 @@ from gradmap.eval.templates import templates_compiled_once
 log = logging.getLogger(__name__)
 
 SOURCES = ("local", "online")
-CFG_KEYS = ("name", "tasks", "limit", "subset_seed", "batch_size", "source", "ppl", "metric_map", "num_fewshot")
+CFG_KEYS = ("name", "tasks", "limit", "subset_seed", "batch_size", "source", "ppl", "metric_map", "num_fewshot", "loop")
 PPL_KEYS = ("window", "stride", "max_windows", "dataset", "add_bos")
 
 
@@ -178,7 +179,9 @@ def _run_lm_eval(
             idx = subset_indices(task.task_name, len(task.eval_docs), limits[name], seed)
             if idx is not None:
                 samples[task.task_name] = idx
-    lm = _counting(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
+    loop = check_loop(cfg.get("loop"))
+    hflm = counting_hflm(lean_hflm(HFLM) if loop == "lean" else HFLM)
+    lm = hflm(pretrained=model, tokenizer=tokenizer, batch_size=resolve_batch_size(cfg.get("batch_size", 1)))
     start = time.perf_counter()
     with templates_compiled_once():
         out = simple_evaluate(
@@ -197,6 +200,7 @@ def _run_lm_eval(
         "seconds": seconds,
         "requests_per_s": lm.requests / seconds if seconds > 0 else None,
         "batch_size": cfg.get("batch_size", 1),
+        "loop": loop,
     }
     if on_output is not None:
         on_output(out)
@@ -204,29 +208,6 @@ def _run_lm_eval(
 
 
 LM_EVAL_BLOCK = ("versions", "n-shot", "higher_is_better", "n-samples", "configs", "lm_eval_version", "throughput")
-
-
-def _counting(hflm: type) -> type:
-    """HFLM that counts the requests it is sent (one per answer choice per item for multiple choice): the
-    throughput in the record is requests / seconds of ``simple_evaluate``, so an eval-speed change is visible per
-    job, not only in scripts/eval_throughput.py."""
-
-    class CountingHFLM(hflm):
-        requests = 0
-
-        def loglikelihood(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
-            self.requests += len(requests)
-            return super().loglikelihood(requests, *args, **kwargs)
-
-        def loglikelihood_rolling(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
-            self.requests += len(requests)
-            return super().loglikelihood_rolling(requests, *args, **kwargs)
-
-        def generate_until(self, requests: Any, *args: Any, **kwargs: Any) -> Any:
-            self.requests += len(requests)
-            return super().generate_until(requests, *args, **kwargs)
-
-    return CountingHFLM
 
 
 def lm_eval_block(out: Mapping[str, Any]) -> dict[str, Any]:
@@ -329,6 +310,7 @@ def check_eval_config(cfg: Mapping[str, Any]) -> tuple[list[str], str]:
     default_metric_map(tasks, source, cfg.get("metric_map"))
     resolve_limits(tasks, cfg.get("limit"))
     resolve_batch_size(cfg.get("batch_size", 1))
+    check_loop(cfg.get("loop"))
     seed = cfg.get("subset_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"eval.subset_seed={seed!r} must be a whole number")
