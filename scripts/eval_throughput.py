@@ -54,7 +54,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for dtype_name in args.dtypes.split(","):
-            model, tokenizer = load_gguf(spec["gguf"])  # fresh fp32 copy per dtype (cached after the first)
+            # a fresh fp32 copy per dtype (cached after the first dequantisation)
+            model, tokenizer = load_gguf(spec.get("gguf") or args.model)
             model = model.to(DTYPES[dtype_name]).to(device).eval()
             first = None
             for loop in args.loops.split(","):

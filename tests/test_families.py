@@ -148,6 +148,19 @@ def test_residual_gain_is_measured_per_layout():
         assert gain == pytest.approx(expected, rel=1e-6) if expected is not None else gain is None, model_type
 
 
+def test_residual_gain_of_a_post_branch_norm_in_bf16_beside_a_large_residual():
+    """Gemma 3 in bf16 with a residual stream ~1000x the branch output (as at some of Gemma 3 270M's layers): the
+    block output is still exactly residual + norm output, so the gain is 1, not a refusal caused by rounding of
+    the residual add (the probe's step is scaled to the stream; a doubled branch drowned in bf16 rounding)."""
+    model = build("gemma3_text").to(torch.bfloat16)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1000.0)
+    adapt = adapter(model)
+    norm = adapt.layers[1].post_feedforward_layernorm
+    assert residual_gain(adapt, 1, norm, ids(1, 8)) == pytest.approx(1.0, abs=0.03)
+    assert residual_gain(adapt, 1, adapt.mlp_out(adapt.layers[1]), ids(1, 8)) is None  # normalised: no gain
+
+
 def test_merge_output_transform_on_conv1d_and_linear():
     """Both storage conventions: after the merge the linear's output is exactly P·(old output)."""
     for model_type in ("gpt2", "llama"):
