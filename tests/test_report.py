@@ -576,3 +576,28 @@ def test_removed_layer_grid_takes_sets_of_different_sizes():
     shown = ax.images[0].get_array()
     plt.close(fig)
     assert shown.shape == (2, 8) and shown.sum() == 4 and shown[1, 5] == 1
+
+
+def test_verdict_says_who_is_best_at_equal_pruning_time():
+    """The most accurate method within GradMAP's pruning time, and the fastest one not behind GradMAP by a paired
+    CI; controls are left out (the reference study's Gemma cell: streamline is both)."""
+    from gradmap.report.verdicts import _equal_time_lines
+
+    others = pd.DataFrame(
+        {"method": ["shortgpt", "sleb", "streamline", "random"], "avg": [38.3, 37.8, 40.7, 45.0],
+         "prune_s": [2.0, 183.0, 5.2, 0.001]},
+        index=["shortgpt", "sleb", "streamline", "random"],
+    )  # fmt: skip
+    g = pd.Series({"avg": 37.05, "prune_s": 40.9})
+    ci = {
+        "shortgpt": {"diff": -1.27, "ci_low": -2.23, "ci_high": -0.27, "significant": True, "n_items": 20465},
+        "sleb": {"diff": -0.77, "ci_low": -1.76, "ci_high": 0.20, "significant": False, "n_items": 20465},
+        "streamline": {"diff": -3.68, "ci_low": -4.65, "ci_high": -2.69, "significant": True, "n_items": 20465},
+        "random": {"diff": -7.9, "ci_low": -9.0, "ci_high": -7.0, "significant": True, "n_items": 20465},
+    }
+    best, fastest = _equal_time_lines(others, g, ci)
+    assert "of the 2 methods that prune in 40.9 s (GradMAP's time) or less, streamline is the most accurate" in best
+    assert "random" not in best and "40.70% in 5.2 s" in best
+    assert fastest.startswith("The fastest method not behind GradMAP in accuracy (paired CI) is shortgpt: 2 s")
+    alone = _equal_time_lines(others.drop(index="streamline"), pd.Series({"avg": 39.0, "prune_s": 40.9}), ci)[0]
+    assert alone.startswith("At equal pruning time: GradMAP (39.00%, 40.9 s) is the most accurate of the 2 methods")

@@ -207,6 +207,37 @@ def _inference_lines(rows: pd.DataFrame, g: pd.Series) -> list[str]:
     return [f"Inference: the GradMAP-pruned model decodes {g['decode_speedup']:.2f}× as fast as dense{spread}."]
 
 
+def _equal_time_lines(others: pd.DataFrame, g: pd.Series, acc_ci: dict) -> list[str]:
+    """Who is best at equal pruning time: the most accurate method that prunes no slower than GradMAP, and the
+    fastest one not behind GradMAP by a paired CI (controls excluded: they cost nothing and prune blindly)."""
+    pool = others[others["avg"].notna() & others["prune_s"].notna() & ~others["method"].isin(CONTROLS)]
+    if pool.empty or pd.isna(g["prune_s"]) or pd.isna(g["avg"]):
+        return []
+    within = pool[pool["prune_s"] <= g["prune_s"]]
+    if within.empty or within["avg"].max() <= g["avg"]:
+        lines = [
+            f"At equal pruning time: GradMAP ({g['avg']:.2f}%, {g['prune_s']:.3g} s) is the most accurate of the "
+            f"{len(within) + 1} methods that prune in {g['prune_s']:.3g} s or less."
+        ]
+    else:
+        best = within["avg"].idxmax()
+        ci = acc_ci.get(best)
+        lines = [
+            f"At equal pruning time: of the {len(within)} methods that prune in {g['prune_s']:.3g} s (GradMAP's time) "
+            f"or less, {best} is the most accurate ({within.loc[best, 'avg']:.2f}% in {within.loc[best, 'prune_s']:.3g}"
+            f" s; GradMAP {g['avg']:.2f}%" + (f", Δ GradMAP − {best} {_ci_cell(ci)}" if ci is not None else "") + ")."
+        ]
+    if all(acc_ci.get(v) is not None for v in pool.index):
+        not_behind = [v for v in pool.index if not (acc_ci[v]["significant"] and acc_ci[v]["diff"] > 0)]
+        if not_behind:
+            fastest = min(not_behind, key=lambda v: pool.loc[v, "prune_s"])
+            lines.append(
+                f"The fastest method not behind GradMAP in accuracy (paired CI) is {fastest}: "
+                f"{pool.loc[fastest, 'prune_s']:.3g} s against GradMAP's {g['prune_s']:.3g} s."
+            )
+    return lines
+
+
 def _verdict_cell(
     main: pd.DataFrame, cell: pd.Series, averaging: Averaging, claim: float, paired: pd.DataFrame
 ) -> list[str]:
@@ -339,7 +370,7 @@ def _verdict_cell(
             )
         else:
             lines.append(f"PPL: {NO_ITEMS}.")
-    lines += _inference_lines(rows, g)
+    lines += _equal_time_lines(others, g, acc_ci) + _inference_lines(rows, g)
     caveats = []
     if pd.notna(g["prune_s"]) and g["prune_s"] < SHORT_PRUNE_S:
         caveats.append(
