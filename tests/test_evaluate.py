@@ -260,6 +260,22 @@ def test_lean_loop_answers_every_request_as_lm_eval(tiny_model, tokenizer) -> No
     assert expected[6] == (pytest.approx(expected[6][0]), True)  # the greedy path is exercised
 
 
+def test_lean_loop_says_when_it_runs_lm_evals_loop(tiny_model, tokenizer, caplog) -> None:
+    """lm-eval's adaptive batching (override_bs, batch_size auto) needs its own loop: the lean class runs it and
+    says so in the log rather than switching silently."""
+    from lm_eval.models.huggingface import HFLM
+
+    from gradmap.eval.loops import lean_hflm
+
+    requests = [(("a", "b"), [5, 6, 7], [8, 9]), (("c", "d"), [5, 6], [7])]
+    lean = lean_hflm(HFLM)(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4)
+    stock = HFLM(pretrained=tiny_model, tokenizer=tokenizer, batch_size=4)
+    with caplog.at_level("WARNING", logger="gradmap.eval.loops"):
+        got = lean._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=2)
+    assert got == stock._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=2)
+    assert "eval.loop=lean runs lm-eval's own loop here" in caplog.text
+
+
 def test_lean_loop_gives_the_same_items_on_the_7_tasks(tiny_model, tokenizer, tmp_path) -> None:
     """Per-item records of the 7 tasks are the same with either loop (accuracies exactly, log-likelihoods to
     float rounding); the loop is recorded, and a bad loop name fails before any model work."""

@@ -23,11 +23,13 @@ the job identity once it is not the default.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 LOOPS = ("lm_eval", "lean")
 
 
@@ -75,6 +77,10 @@ def lean_hflm(hflm: type) -> type:
             self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None
         ) -> list[tuple[float, bool]]:
             if self.backend != "causal" or self.batch_size == "auto" or override_bs is not None:
+                log.warning(
+                    "eval.loop=lean runs lm-eval's own loop here (backend %s, batch size %s): same answers, its speed",
+                    self.backend, self.batch_size,
+                )  # fmt: skip
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             _output_head(self.model)
             re_ord = Collator(
