@@ -38,7 +38,7 @@ case $step in
   smol) install_from whl smol && python3 -c "import lm_eval, hydra, transformers, gguf; print('imports ok', transformers.__version__, lm_eval.__version__)" ;;
   gemma) install_from gemma ;;
   bench)  # SmolLM2 bf16 full eval, both loops, alone on the GPU
-    cd /tmp/repo && setsid nohup python3 scripts/eval_throughput.py --loops lean,lm_eval --dtypes bfloat16 \
+    cd /tmp/repo && setsid nohup python3 scripts/eval_throughput.py --loops lm_eval,lean --dtypes bfloat16 \
       --batch-sizes 256 --out /tmp/bench_smol.json > /tmp/bench_smol.log 2>&1 < /dev/null &
     echo "bench started" ;;
   gcheck)  # Gemma: both loops on eval=quick, bf16, batch 4 (items compared)
