@@ -39,6 +39,7 @@ from gradmap.results import (
     check_record,
     stable_hash,
     versions,
+    without_default,
 )
 from gradmap.splits import calibration, dev_fields, dev_split
 from gradmap.sweep import reuse_dense
@@ -64,16 +65,15 @@ class Job:
             device = torch.device("cuda")  # identity needs only the type; availability is checked later
         method = cfg["method"]["name"]
         prune_cfg = effective_prune(cfg["prune"])
-        # calib.protocol=matched is the default spelt out, so it is the same job as no protocol key
-        calib = {k: v for k, v in cfg["calib"].items() if k != "protocol" or v not in (None, "matched")}
         identity = {
             "model": cfg["model"],
             "method": cfg["method"],
             "repair": cfg["repair"],
             "prune": prune_cfg,
-            "calib": calib,
-            # eval.loop=lm_eval (lm-eval's own loop) is the default spelt out: the same job as no loop key
-            "eval": {k: v for k, v in cfg["eval"].items() if k != "loop" or v not in (None, "lm_eval")},
+            # a default spelt out (calib.protocol=matched, eval.loop=lm_eval) is the same job as the key left out,
+            # so records made before the key existed keep their ids
+            "calib": without_default(cfg["calib"], "protocol", "matched"),
+            "eval": without_default(cfg["eval"], "loop", "lm_eval"),
             "seed": cfg["seed"],
             "dtype": effective_dtype_name(cfg["dtype"], device),
         }

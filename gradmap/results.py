@@ -184,6 +184,12 @@ def stable_hash(payload: Mapping[str, Any], length: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def without_default(section: Mapping[str, Any], key: str, default: str) -> dict[str, Any]:
+    """``section`` without ``key`` where it is absent-equivalent (None or ``default``): a job identity hashed with
+    :func:`stable_hash` then stays the same when a new key is spelt out at its default."""
+    return {k: v for k, v in section.items() if k != key or v not in (None, default)}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)

@@ -23,6 +23,7 @@ the job identity once it is not the default.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -71,8 +72,6 @@ def lean_hflm(hflm: type) -> type:
     from tqdm import tqdm
 
     class LeanHFLM(hflm):
-        loop = "lean"
-
         def _loglikelihood_tokens(
             self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None
         ) -> list[tuple[float, bool]]:
@@ -82,7 +81,7 @@ def lean_hflm(hflm: type) -> type:
                     self.backend, self.batch_size,
                 )  # fmt: skip
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            _output_head(self.model)
+            head = _output_head(self.model)
             re_ord = Collator(
                 requests,
                 sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),  # lm-eval's _collate
@@ -92,7 +91,7 @@ def lean_hflm(hflm: type) -> type:
             answers: list[tuple[float, bool]] = []
             progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Lean loglikelihood")
             for chunk in re_ord.get_batched(n=self.batch_size, batch_fn=None):
-                for request_str, answer in self._score_batch(chunk, re_ord):
+                for request_str, answer in self._score_batch(chunk, re_ord, head):
                     answers.append(answer)
                     if request_str is not None:
                         self.cache_hook.add_partial("loglikelihood", request_str, answer)
@@ -100,7 +99,7 @@ def lean_hflm(hflm: type) -> type:
             progress.close()
             return re_ord.get_original(answers)
 
-        def _score_batch(self, chunk: list, re_ord: Any) -> list[tuple[Any, tuple[float, bool]]]:
+        def _score_batch(self, chunk: list, re_ord: Any, head: torch.nn.Module) -> list[tuple[Any, tuple[float, bool]]]:
             """(request string, (log-likelihood, greedy)) for each request the batch answers, in lm-eval's order."""
             rows, spans = [], []
             for _, context, continuation in chunk:
@@ -114,17 +113,15 @@ def lean_hflm(hflm: type) -> type:
             # every continuation position of every row, flattened: row i's span starts at pair offsets[i]
             row_of = [i for i, (start, end) in enumerate(spans) for _ in range(start, end)]
             position_of = [p for start, end in spans for p in range(start, end)]
-            offsets = [0]
-            for start, end in spans:
-                offsets.append(offsets[-1] + end - start)
-            logprobs = self._pair_logprobs(batch, torch.tensor(row_of), torch.tensor(position_of))  # [pairs, vocab]
+            offsets = [0, *itertools.accumulate(end - start for start, end in spans)]
+            logprobs = self._pair_logprobs(head, batch, torch.tensor(row_of), torch.tensor(position_of))
             greedy = logprobs.argmax(dim=-1).cpu()
 
             # Which pairs and tokens each answer reads: as lm-eval, a one-token-continuation cache hit reads the
             # greedy tokens from the end of the row's continuation span and the log-probs from its start.
             members, pair, token = [], [], []
+            placeholder = torch.empty((1, 1, 1))  # get_cache only expands it; it records lm-eval's order
             for i, (request_str, context, continuation) in enumerate(chunk):
-                placeholder = torch.empty((1, 1, 1))  # get_cache only expands it; it records lm-eval's order
                 for member_str, member_cont, _ in re_ord.get_cache(
                     req_str=request_str, cxt_toks=context, cont_toks=continuation, logits=placeholder
                 ):
@@ -141,13 +138,13 @@ def lean_hflm(hflm: type) -> type:
                 out.append((member_str, (loglik, exact)))
             return out
 
-        def _pair_logprobs(self, batch: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        def _pair_logprobs(
+            self, head: torch.nn.Module, batch: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+        ) -> torch.Tensor:
             """Log-softmax of the logits at (row, position) pairs of the batch: [pairs, vocab]. The output head
             gets only those pairs' hidden states (a pre-hook picks them), so the vocabulary-wide logits exist for
-            the continuation tokens alone; whatever the model does after the head (Gemma's soft-capping) still
-            applies."""
-            head = _output_head(self.model)
-            device = self.device
+            the continuation tokens alone; the call is lm-eval's own ``_model_call`` (no_grad, its autocast), and
+            whatever the model does after the head (Gemma's soft-capping) still applies."""
 
             def pick_pairs(_module: torch.nn.Module, args: tuple) -> tuple:
                 hidden = args[0]
@@ -157,15 +154,7 @@ def lean_hflm(hflm: type) -> type:
 
             handle = head.register_forward_pre_hook(pick_pairs)
             try:
-                with (
-                    torch.no_grad(),
-                    torch.autocast(
-                        device_type=device.type,
-                        dtype=self.mixed_precision_dtype,
-                        enabled=self.mixed_precision_dtype is not None,
-                    ),
-                ):
-                    logits = self.model(batch.to(device)).logits[0]
+                logits = self._model_call(batch.to(self.device))[0]
             finally:
                 handle.remove()
             return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
