@@ -2,8 +2,9 @@
 # Driver for the reference study on an offline GPU host that receives make_bundle.sh chunks one transfer at a time.
 # Usage, from the repository root on the host: bash scripts/offline_gpu/job.sh STEP [ARG]; steps chain with &&.
 # Steps: chunk N (append chunk N from $CHUNKS; chunk 0 also snapshots the tree to /tmp/repo), smol (install whl/ +
-# smol/, after chunk 2), gemma (after the last chunk), bench, gcheck, sweeps [GEMMA_LANES], wait SECONDS, progress,
-# pack (results into $OUT/res.tgz). Used in session 7 of the reference study (docs/results/README.md).
+# smol/, after chunk 2), gemma (after the last chunk), bench, gcheck, sweeps [GEMMA_LANES], sweep MODEL LANES
+# OVERRIDES..., wait SECONDS, progress, pack (results into $OUT/res.tgz). Used in sessions 7-8 of the reference study
+# (docs/results/README.md).
 # Background work is started with setsid so it outlives the call; results live in /tmp/runs on the machine.
 set -u
 CHUNKS=${CHUNKS:-.gpu}
@@ -13,6 +14,7 @@ X=/tmp/b
 export GRADMAP_CACHE=/tmp/gcache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg PYTHONPATH=/tmp/site:/tmp/repo
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # many jobs share 16 cores; their heavy work is on the GPU
 SWEEP="hydra/launcher=parallel tracker=none device=cuda runs_dir=/tmp/runs hydra.launcher.jobs_per_gpu=16"
 step=$1
 arg=${2:-}
@@ -52,6 +54,12 @@ case $step in
     setsid nohup python3 run.py -m experiment=reference model=gemma3_270m $SWEEP hydra.launcher.n_jobs=${arg:-5} \
       eval.batch_size=32 eval.loop=lean ${GEMMA_ARGS:-seed=0} > /tmp/gx.log 2>&1 < /dev/null &
     echo "sweeps started" ;;
+  sweep)  # ARG: model, then lanes, then overrides: one detached sweep of $EXPERIMENT (default reference), lean loop
+    model=$arg; lanes=$3; shift 3; log=/tmp/sweep_${model}_$(date +%H%M%S).log
+    cd /tmp/repo && setsid nohup python3 run.py -m experiment=${EXPERIMENT:-reference} model=$model $SWEEP hydra.launcher.n_jobs=$lanes \
+      eval.loop=lean "$@" > $log 2>&1 < /dev/null &
+    sleep 2  # two sweeps of one model must not share a multirun folder (its name has 1 s resolution)
+    echo "sweep started: $model x$lanes $* -> $log" ;;
   wait)  # wait ARG seconds, printing progress, then pack results
     end=$((SECONDS + ${arg:-240}))
     while [ $SECONDS -lt $end ]; do sleep 30; done
@@ -65,8 +73,8 @@ case $step in
         python3 -c "import json,sys; r=json.load(open('$d/result.json')); m=r.get('metrics',{}); t=r.get('timing',{}); print(r['status'], r['job_name'], r.get('removed_layers'), round(m.get('avg',-1),2), round(m.get('wikitext2_ppl',-1),1), round(t.get('prune_s',-1)), round(t.get('eval_s',-1)), (r.get('lm_eval') or {}).get('throughput',{}).get('requests_per_s'), (r.get('error') or '')[:200])"
       else echo "running $(basename $d)"; fi
     done
-    grep -h -i "error\|Traceback" /tmp/sx.log /tmp/gx.log 2>/dev/null | tail -5 ;;
+    grep -h -i "error\|Traceback" /tmp/sx.log /tmp/gx.log /tmp/sweep_*.log 2>/dev/null | tail -5 ;;
   pack)  # everything small enough: finished job folders and logs
-    cd /tmp && tar czf $OUT/res.tgz --exclude='*.safetensors' --exclude='*.pt' runs bench_*.json bench_*.log sx.log gx.log 2>/dev/null
+    cd /tmp && tar czf $OUT/res.tgz --exclude='*.safetensors' --exclude='*.pt' runs bench_*.json bench_*.log sx.log gx.log sweep_*.log 2>/dev/null
     ls -l $OUT ;;
 esac
